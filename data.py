@@ -1,0 +1,157 @@
+"""WikiText loading, tokenization and causal-LM packing, with an on-disk cache of the packed blocks."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset, load_dataset
+from transformers import PreTrainedTokenizerBase
+
+from utils import ToolError, atomic_write_bytes, one_line
+
+SPLITS = ("train", "validation", "test")
+OFFLINE_DATA_HINT = (
+    "to run without the Hub, pass --data_dir DIR holding train/validation/test .txt or .parquet files"
+    " (or warm the Hugging Face cache once and set HF_HUB_OFFLINE=1)"
+)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "wikitext-finetune"
+
+
+def load_text_splits(dataset: str, dataset_config: str | None, data_dir: str | None) -> dict[str, Dataset]:
+    """The train/validation/test splits as datasets with one `text` column, rows in their original order."""
+    if data_dir is None:
+        try:
+            loaded = load_dataset(dataset, dataset_config)
+        except Exception as e:  # the Hub raises many types (ConnectionError, OSError, ValueError, ...)
+            raise ToolError(f"could not load dataset '{dataset}' ({one_line(e)}); {OFFLINE_DATA_HINT}") from e
+        missing = [s for s in SPLITS if s not in loaded]
+        if missing:
+            raise ToolError(f"dataset '{dataset}' has no {', '.join(missing)} split")
+        return {s: loaded[s] for s in SPLITS}
+
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise ToolError(f"--data_dir {root} is not a directory; {OFFLINE_DATA_HINT}")
+    splits = {}
+    for split in SPLITS:
+        txt, parquet = root / f"{split}.txt", root / f"{split}.parquet"
+        if txt.is_file():
+            # keep_linebreaks makes local rows look like the Hub's, which end in "\n".
+            splits[split] = load_dataset("text", data_files=str(txt), split="train", keep_linebreaks=True)
+        elif parquet.is_file():
+            splits[split] = load_dataset("parquet", data_files=str(parquet), split="train")
+        else:
+            raise ToolError(f"--data_dir {root} has no {split}.txt or {split}.parquet")
+        if "text" not in splits[split].column_names:
+            raise ToolError(f"{parquet} has no 'text' column")
+    return splits
+
+
+def take_fraction(split: Dataset, fraction: float, seed: int) -> Dataset:
+    """A seeded random `fraction` of the rows (all of them, in order, when fraction is 1)."""
+    if fraction >= 1:
+        return split
+    return split.shuffle(seed=seed).select(range(math.ceil(fraction * len(split))))
+
+
+def tokenize_rows(texts: list[str], tokenizer: PreTrainedTokenizerBase, batch_size: int = 1000) -> np.ndarray:
+    """Token ids of the non-empty rows, concatenated in order."""
+    rows = [t for t in texts if t.strip()]
+    ids: list[int] = []
+    for i in range(0, len(rows), batch_size):
+        for row in tokenizer(rows[i : i + batch_size], verbose=False)["input_ids"]:
+            ids.extend(row)
+    return np.asarray(ids, dtype=np.int32)
+
+
+def pack_into_blocks(ids: np.ndarray, block_size: int) -> np.ndarray:
+    """Cut a token stream into full blocks of `block_size`, dropping only the tail that fills no block."""
+    n_blocks = len(ids) // block_size
+    return ids[: n_blocks * block_size].reshape(n_blocks, block_size)
+
+
+class PackedBlocks(torch.utils.data.Dataset):
+    """Fixed-length blocks for causal LM training: labels are the inputs, so no position is padding."""
+
+    def __init__(self, blocks: np.ndarray):
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = torch.from_numpy(np.asarray(self.blocks[i], dtype=np.int64))
+        return {"input_ids": ids, "labels": ids}
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.blocks.size)
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    if not tokenizer.is_fast:
+        raise ToolError("a fast tokenizer is required (the model's tokenizer has no tokenizer.json)")
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+
+
+def packed_blocks_cached(
+    texts: list[str], tokenizer: PreTrainedTokenizerBase, block_size: int, cache_dir: Path, tokenizer_key: str
+) -> np.ndarray:
+    """pack_into_blocks(tokenize_rows(texts)), read from `cache_dir` when the same text and tokenizer were seen."""
+    digest = hashlib.sha256(f"{tokenizer_key}:{block_size}:".encode())
+    for text in texts:
+        digest.update(text.encode())
+        digest.update(b"\0")
+    path = Path(cache_dir) / f"blocks-{digest.hexdigest()[:32]}.npy"
+    if path.is_file():
+        return np.load(path, mmap_mode="r")
+    blocks = pack_into_blocks(tokenize_rows(texts, tokenizer), block_size)
+    buffer = io.BytesIO()
+    np.save(buffer, blocks)
+    atomic_write_bytes(path, buffer.getvalue())
+    return blocks
+
+
+def prepare_lm_splits(
+    splits: dict[str, Dataset],
+    tokenizer: PreTrainedTokenizerBase,
+    block_size: int,
+    data_fraction: float,
+    seed: int,
+    cache_dir: Path,
+) -> dict[str, PackedBlocks]:
+    """Each split as packed blocks; a split too small for one block is an error the user can fix."""
+    tokenizer_key = tokenizer_fingerprint(tokenizer)
+    packed = {}
+    for name, split in splits.items():
+        texts = take_fraction(split, data_fraction, seed)["text"]
+        blocks = packed_blocks_cached(texts, tokenizer, block_size, cache_dir, tokenizer_key)
+        if len(blocks) == 0:
+            raise ToolError(
+                f"the {name} split holds no full block of {block_size} tokens at --data_fraction {data_fraction};"
+                " raise --data_fraction or lower --block_size"
+            )
+        packed[name] = PackedBlocks(blocks)
+    return packed
+
+
+def prompt_reference_pairs(test_split: Dataset, n: int) -> list[tuple[str, str]]:
+    """The first `n` test rows of two words or more, in order, each cut at half its words."""
+    pairs = []
+    for text in test_split["text"]:
+        words = text.split()
+        if len(words) >= 2:
+            half = len(words) // 2
+            pairs.append((" ".join(words[:half]), " ".join(words[half:])))
+            if len(pairs) == n:
+                break
+    return pairs

@@ -1,0 +1,29 @@
+"""Evaluation recipe: score a model this run does not train (the Hub's gpt2, a saved run, base + adapter)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from peft import PeftModel
+
+from data import load_text_splits, prepare_lm_splits
+from modeling import load_causal_lm, load_tokenizer
+from training import evaluate_and_save_results, evaluation_trainer, new_run_dir, run_record
+from utils import ToolError, one_line, timestamp
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    mode = "adapter" if args.adapter else "base"
+    tokenizer = load_tokenizer(args.model)
+    model = load_causal_lm(args.model)
+    if args.adapter:
+        try:
+            model = PeftModel.from_pretrained(model, args.adapter)
+        except Exception as e:  # peft raises ValueError/OSError/HF errors for a missing or foreign adapter
+            raise ToolError(f"could not load LoRA adapter '{args.adapter}' ({one_line(e)})") from e
+    run_dir = new_run_dir(args.output_dir, args.run_name or f"{mode}-{timestamp()}")
+    splits = load_text_splits(args.dataset, args.dataset_config, args.data_dir)
+    data = prepare_lm_splits(splits, tokenizer, args.block_size, args.data_fraction, args.seed, args.cache_dir)
+    results = run_record(args, mode, run_dir, model)
+    return evaluate_and_save_results(args, results, evaluation_trainer(args, model, run_dir), tokenizer, splits, data)

@@ -1,0 +1,15 @@
+"""Full fine-tuning recipe: every weight of GPT-2 is trained."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from modeling import load_causal_lm, load_tokenizer
+from training import finetune
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    tokenizer = load_tokenizer(args.model)
+    model = load_causal_lm(args.model, from_scratch=args.from_scratch)
+    return finetune(args, "full", model, tokenizer)

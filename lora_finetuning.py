@@ -1,0 +1,30 @@
+"""LoRA recipe: GPT-2 stays frozen; low-rank adapters on the chosen projections are trained."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import PreTrainedModel
+
+from modeling import load_causal_lm, load_tokenizer
+from training import finetune
+
+
+def add_lora_adapters(model: PreTrainedModel, args: argparse.Namespace) -> PeftModel:
+    config = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=args.lora_target_modules,
+        fan_in_fan_out=model.config.model_type == "gpt2",  # GPT-2 stores its projections as Conv1D (in, out)
+    )
+    return get_peft_model(model, config)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    tokenizer = load_tokenizer(args.model)
+    model = add_lora_adapters(load_causal_lm(args.model, from_scratch=args.from_scratch), args)
+    return finetune(args, "lora", model, tokenizer)

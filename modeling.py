@@ -1,0 +1,47 @@
+"""Loading GPT-2 (or any causal LM) and its tokenizer, with errors a user can act on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from utils import ToolError, one_line
+
+OFFLINE_MODEL_HINT = (
+    "to run without the Hub, pass --model DIR with a saved model (or a config and tokenizer with --from_scratch),"
+    " or warm the Hugging Face cache once and set HF_HUB_OFFLINE=1"
+)
+
+
+def _load(what: str, name: str, loader, *args, **kwargs):
+    # An explicit path that is missing should fail at once, not after the Hub's retries.
+    if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+        raise ToolError(f"{what} path {name} does not exist; {OFFLINE_MODEL_HINT}")
+    try:
+        return loader(name, *args, **kwargs)
+    except Exception as e:  # the Hub raises many types (OSError, ValueError, HTTP errors, ...)
+        raise ToolError(f"could not load {what} '{name}' ({one_line(e)}); {OFFLINE_MODEL_HINT}") from e
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """The model's fast tokenizer, with EOS as the pad token (GPT-2 has none) for batched generation."""
+    tokenizer = _load("tokenizer", name, AutoTokenizer.from_pretrained)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(name: str, from_scratch: bool = False) -> PreTrainedModel:
+    """Pretrained weights, or with `from_scratch` a random init of the same architecture (no weights needed)."""
+    if from_scratch:
+        config = _load("model config", name, AutoConfig.from_pretrained)
+        return AutoModelForCausalLM.from_config(config)
+    return _load("model", name, AutoModelForCausalLM.from_pretrained)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; tied weights count once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

@@ -1,0 +1,96 @@
+"""Corpus-level generation scores, defined as the Hugging Face `evaluate` metrics of the same names.
+
+The `evaluate` scripts come from the Hub at run time, so the same definitions are computed here with
+the libraries those scripts wrap: sacrebleu, rouge-score and nltk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+from pathlib import Path
+from statistics import fmean
+
+import nltk
+from rouge_score import rouge_scorer
+from sacrebleu.metrics import BLEU, CHRF, TER
+from tabulate import tabulate
+
+from utils import ToolError, atomic_write_json
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+METRIC_NAMES = ("bleu", "sacrebleu", *ROUGE_TYPES, "ter", "chrf", "meteor")
+
+
+def find_wordnet() -> str | None:
+    """None when WordNet is usable (found on NLTK's data path, or downloaded once), else why it is not."""
+    try:
+        nltk.data.find("corpora/wordnet.zip")
+        return None
+    except LookupError:
+        pass
+    with contextlib.redirect_stdout(io.StringIO()):
+        downloaded = nltk.download("wordnet", quiet=True, raise_on_error=False, print_error_to=io.StringIO())
+    if downloaded:
+        return None
+    return "WordNet is not on NLTK's data path (set NLTK_DATA) and could not be downloaded"
+
+
+def meteor(hypotheses: list[str], references: list[str]) -> float:
+    """Mean of nltk's per-example METEOR (alpha 0.9, beta 3, gamma 0.5, WordNet synonyms)."""
+    from nltk.tokenize import word_tokenize
+    from nltk.translate.meteor_score import single_meteor_score
+
+    # preserve_line skips punkt's sentence splitting, so only WordNet is needed.
+    def words(text: str) -> list[str]:
+        return word_tokenize(text, preserve_line=True)
+
+    pairs = zip(hypotheses, references, strict=True)
+    return fmean(single_meteor_score(words(r), words(h), alpha=0.9, beta=3, gamma=0.5) for h, r in pairs)
+
+
+def corpus_scores(hypotheses: list[str], references: list[str]) -> dict:
+    """The six metrics over all pairs (one reference each), with sacrebleu's signature and METEOR's status."""
+    if not hypotheses or len(hypotheses) != len(references):
+        raise ValueError("need as many hypotheses as references, and at least one")
+    refs = [references]
+    sacrebleu = BLEU()
+    scores: dict = {
+        "bleu": BLEU(tokenize="13a", smooth_method="none").corpus_score(hypotheses, refs).score / 100,
+        "sacrebleu": sacrebleu.corpus_score(hypotheses, refs).score,
+        "sacrebleu_signature": sacrebleu.get_signature().format(),
+    }
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES))
+    pair_scores = [scorer.score(r, h) for h, r in zip(hypotheses, references, strict=True)]
+    for kind in ROUGE_TYPES:
+        scores[kind] = fmean(s[kind].fmeasure for s in pair_scores)
+    scores["ter"] = TER(case_sensitive=False).corpus_score(hypotheses, refs).score
+    scores["chrf"] = CHRF().corpus_score(hypotheses, refs).score
+    reason = find_wordnet()
+    scores["meteor"] = None if reason else meteor(hypotheses, references)
+    scores["meteor_unavailable_reason"] = reason
+    scores["num_examples"] = len(hypotheses)
+    return scores
+
+
+def score_csv(path: str) -> dict:
+    """Score a CSV with `reference` and `hypothesis` columns; print the scores, write FILE.scores.json."""
+    csv_path = Path(path)
+    try:
+        with csv_path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            columns = set(reader.fieldnames or [])
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise ToolError(f"cannot read {csv_path}: {e}") from e
+    if not {"reference", "hypothesis"} <= columns:
+        raise ToolError(f"{csv_path} needs 'reference' and 'hypothesis' columns, has {sorted(columns) or 'none'}")
+    if not rows:
+        raise ToolError(f"{csv_path} has no rows to score")
+    scores = corpus_scores([r["hypothesis"] or "" for r in rows], [r["reference"] or "" for r in rows])
+    atomic_write_json(csv_path.with_suffix(".scores.json"), scores)
+    print(tabulate([(name, scores[name]) for name in METRIC_NAMES], tablefmt="simple", missingval="-"))
+    if scores["meteor_unavailable_reason"]:
+        print(f"METEOR not computed: {scores['meteor_unavailable_reason']}")
+    return scores

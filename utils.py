@@ -1,0 +1,82 @@
+"""Small shared helpers: errors users see, atomic files, seeds, environment facts."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+MIB = 2**20
+
+
+class ToolError(Exception):
+    """A failure the user can fix; main.py prints it as one line and exits non-zero."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def timestamp() -> str:
+    return datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def dir_size_mb(path: Path) -> float:
+    """Total size of the files below `path`, in MiB."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / MIB
+
+
+def environment_info() -> dict[str, Any]:
+    """Library versions and the device, so a result can be reproduced and compared fairly."""
+    import datasets
+    import peft
+    import torch
+    import transformers
+
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "datasets": datasets.__version__,
+        "peft": peft.__version__,
+        "cpu_threads": torch.get_num_threads(),
+        "device": "cpu",
+    }
+    if torch.cuda.is_available():
+        info["device"] = "cuda"
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_count"] = torch.cuda.device_count()
+        info["cuda"] = torch.version.cuda
+    elif torch.backends.mps.is_available():
+        info["device"] = "mps"
+    return info
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message folded onto one line, for error messages that must stay one line."""
+    return " ".join(str(error).split()) or type(error).__name__
