@@ -90,7 +90,11 @@ class PackedBlocks(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         ids = torch.from_numpy(np.asarray(self.blocks[i], dtype=np.int64))
-        return {"input_ids": ids, "labels": ids}
+        labels = ids.clone()
+        # Position 0 is never a target (the model shifts labels). Marking it keeps the Trainer's token count,
+        # which divides the summed loss, equal to the number of predicted tokens (transformers 5 counts it).
+        labels[0] = -100
+        return {"input_ids": ids, "labels": labels}
 
     @property
     def num_tokens(self) -> int:

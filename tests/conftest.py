@@ -1,0 +1,96 @@
+"""Everything the tests need, built here: WikiText-shaped text, a small BPE tokenizer, a tiny GPT-2."""
+# ruff: noqa: E402  (the environment must be set before the Hub libraries are imported)
+
+from __future__ import annotations
+
+import os
+
+# Tests never reach the network; the Hub libraries read this when they are first imported.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+import main as cli
+
+PLACES = ["Valley", "Harbour", "Castle", "Bridge", "Abbey", "Forest", "Mill", "Tower"]
+SUBJECTS = ["The river", "The old castle", "A small village", "The railway", "The church", "The army"]
+VERBS = ["was built", "was destroyed", "was restored", "was described", "was visited", "was moved"]
+OBJECTS = ["by the king", "after the war", "in the north", "during the storm", "by local people"]
+
+
+def wikitext_rows(n_articles: int, seed: int) -> list[str]:
+    """Rows shaped like WikiText-2 raw: blank rows, ' = Title = ' headings, paragraphs with spaced punctuation."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n_articles):
+        rows += ["", f" = {rng.choice(PLACES)} {rng.choice(PLACES)} = ", ""]
+        for _ in range(3):
+            sentences = [
+                f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)} in {rng.randint(1850, 1950)} ."
+                for _ in range(rng.randint(3, 6))
+            ]
+            rows += [" " + " ".join(sentences) + " ", ""]
+        rows += [" = = History = = ", ""]
+    return rows
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("wikitext")
+    for split, articles, seed in (("train", 12, 0), ("validation", 3, 1), ("test", 3, 2)):
+        (root / f"{split}.txt").write_text("\n".join(wikitext_rows(articles, seed)) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
+    """A 2-layer GPT-2 with a 300-token byte-level BPE trained on the test text, saved like a Hub model."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train([str(data_dir / "train.txt")], trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>", model_max_length=128
+    )
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=128,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    root = tmp_path_factory.mktemp("tiny-gpt2")
+    GPT2LMHeadModel(config).save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def common_flags(tiny_model_dir: Path, data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    cache = tmp_path_factory.mktemp("cache")
+    return [
+        *("--model", str(tiny_model_dir), "--data_dir", str(data_dir), "--cache_dir", str(cache)),
+        *("--block_size", "32", "--eval_examples", "6", "--num_beams", "2", "--eval_batch_size", "4"),
+    ]
+
+
+@pytest.fixture(scope="session")
+def trained_runs(common_flags: list[str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One full and one LoRA run through the real command line, shared by the tests that read them."""
+    out = tmp_path_factory.mktemp("results")
+    flags = [*common_flags, "--output_dir", str(out), "--max_steps", "40", "--logging_steps", "5"]
+    assert cli.main(["full", *flags, "--run_name", "full-run", "--learning_rate", "3e-3"]) == 0
+    assert cli.main(["lora", *flags, "--run_name", "lora-run", "--learning_rate", "3e-2"]) == 0
+    return {"full": out / "full-run", "lora": out / "lora-run", "output_dir": out}
