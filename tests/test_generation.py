@@ -1,0 +1,71 @@
+"""Continuing test rows: the protocol, batched generation, and the `evaluate` command."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+from datasets import Dataset
+from transformers import AutoModelForCausalLM
+
+import main as cli
+from data import prompt_reference_pairs
+from generation import generate_continuations, token_budget
+from modeling import load_tokenizer
+
+
+def test_rows_are_cut_at_half_their_words_in_order_skipping_short_rows():
+    split = Dataset.from_dict({"text": ["", " = Title = \n", " x \n", " one two three four five \n", "\n", " a b \n"]})
+    assert prompt_reference_pairs(split, 2) == [("=", "Title ="), ("one two", "three four five")]
+    assert len(prompt_reference_pairs(split, 10)) == 3
+
+
+def test_token_budget_grows_with_the_reference_and_is_shared_in_steps_of_16():
+    assert token_budget("one two three", 1.3) == 16
+    assert token_budget(" ".join(["w"] * 13), 1.3) == 32  # 16.9 tokens -> next multiple of 16
+    assert token_budget(" ".join(["w"] * 100), 1.5) == 160
+
+
+def test_batched_generation_gives_the_same_hypotheses_as_one_at_a_time(trained_runs, data_dir):
+    model = AutoModelForCausalLM.from_pretrained(trained_runs["full"] / "model")
+    tokenizer = load_tokenizer(str(trained_runs["full"] / "model"))
+    rows = Dataset.from_dict({"text": (data_dir / "test.txt").read_text().splitlines()})
+    pairs = prompt_reference_pairs(rows, 10)
+    prompts = [p for p, _ in pairs]
+    budgets = [16] * len(pairs)  # one budget, so prompts of different lengths share (left-padded) batches
+    assert len({len(tokenizer(p)["input_ids"]) for p in prompts}) > 1
+    batched = generate_continuations(model, tokenizer, prompts, budgets, num_beams=3, batch_size=5)
+    alone = generate_continuations(model, tokenizer, prompts, budgets, num_beams=3, batch_size=1)
+    assert batched == alone
+    assert all(h and not h.startswith(p) for h, p in zip(batched, prompts, strict=True))
+
+
+def test_training_runs_score_their_generations(trained_runs):
+    for mode in ("full", "lora"):
+        results = json.loads((trained_runs[mode] / "results.json").read_text())
+        metrics = results["metrics"]
+        assert metrics["num_examples"] == 6
+        assert 0 <= metrics["bleu"] <= 1 and 0 <= metrics["chrf"] <= 100 and metrics["ter"] >= 0
+        with (trained_runs[mode] / "generations.csv").open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == 6 and set(rows[0]) == {"prompt", "reference", "hypothesis"}
+
+
+def test_evaluate_scores_a_base_model_and_compare_shows_it_as_baseline(trained_runs, common_flags, tmp_path, capsys):
+    out = tmp_path / "results"
+    assert cli.main(["evaluate", *common_flags, "--output_dir", str(out), "--run_name", "gpt2-base"]) == 0
+    results = json.loads((out / "gpt2-base" / "results.json").read_text())
+    assert results["mode"] == "base" and results["trainable_params"] == 0
+    assert results["metrics"]["num_examples"] == 6 and results["test_perplexity"] > 1
+    with (out / "gpt2-base" / "generations.csv").open(newline="") as f:
+        assert len(list(csv.DictReader(f))) == 6
+
+    adapter = ["--adapter", str(trained_runs["lora"] / "adapter"), "--run_name", "with-adapter"]
+    assert cli.main(["evaluate", *common_flags, "--output_dir", str(out), *adapter, "--eval_examples", "0"]) == 0
+    with_adapter = json.loads((out / "with-adapter" / "results.json").read_text())
+    lora = json.loads((trained_runs["lora"] / "results.json").read_text())
+    assert with_adapter["test_loss"] == lora["test_loss"] != results["test_loss"]
+
+    capsys.readouterr()
+    assert cli.main(["compare", "--output_dir", str(out)]) == 0
+    assert "base (gpt2-base)" in capsys.readouterr().out
