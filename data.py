@@ -104,7 +104,11 @@ class PackedBlocks(torch.utils.data.Dataset):
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     if not tokenizer.is_fast:
         raise ToolError("a fast tokenizer is required (the model's tokenizer has no tokenizer.json)")
-    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+    backend = tokenizer.backend_tokenizer
+    # Padding and truncation are per-call settings that transformers leaves behind; they don't change the ids.
+    backend.no_padding()
+    backend.no_truncation()
+    return hashlib.sha256(backend.to_str().encode()).hexdigest()
 
 
 def packed_blocks_cached(

@@ -116,7 +116,7 @@ def build_trainer(args: argparse.Namespace, model: PreTrainedModel, data: dict[s
         seed=args.seed,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        include_num_input_tokens_seen="all",
+        include_num_input_tokens_seen="all",  # packed blocks hold no padding: all are real tokens
         report_to="none",
     )
     return Trainer(
@@ -126,6 +126,14 @@ def build_trainer(args: argparse.Namespace, model: PreTrainedModel, data: dict[s
         eval_dataset=data["validation"],
         data_collator=default_data_collator,
     )
+
+
+def final_validation_loss(trainer: Trainer, validation: PackedBlocks) -> float:
+    """Validation loss of the model as it is now; the Trainer's own end-of-training evaluation when it ran one."""
+    evals = [e for e in trainer.state.log_history if "eval_loss" in e]
+    if trainer.state.global_step > 0 and evals and evals[-1]["step"] == trainer.state.global_step:
+        return evals[-1]["eval_loss"]
+    return trainer.evaluate(validation)["eval_loss"]
 
 
 def best(log_history: list[dict], key: str) -> float | None:
@@ -173,7 +181,7 @@ def evaluate_and_save_results(
 ) -> dict[str, Any]:
     """Validation and test loss, generation scores; then results.json, the loss plot and the summary."""
     run_dir = Path(results["run_dir"])
-    val_loss = trainer.evaluate(data["validation"])["eval_loss"]
+    val_loss = final_validation_loss(trainer, data["validation"])
     test_loss = trainer.evaluate(data["test"], metric_key_prefix="test")["test_loss"]
     history = trainer.state.log_history
     results.update(

@@ -12,7 +12,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import main as cli
-from data import PackedBlocks, pack_into_blocks, packed_blocks_cached, tokenize_rows
+from data import PackedBlocks, pack_into_blocks, packed_blocks_cached, tokenize_rows, tokenizer_fingerprint
 from lora_finetuning import add_lora_adapters
 from modeling import count_parameters, load_tokenizer
 
@@ -121,6 +121,13 @@ def test_cached_blocks_are_read_back_instead_of_tokenizing_again(tiny_model_dir,
     assert again[0, 0] == 7  # came from the cache file, not from the tokenizer
     other = packed_blocks_cached(texts, tokenizer, 8, tmp_path, tokenizer_key="k")
     assert other.shape[1] == 8  # another block size is another cache entry
+
+
+def test_tokenizer_fingerprint_ignores_padding_and_truncation_left_by_earlier_calls(tiny_model_dir):
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    before = tokenizer_fingerprint(tokenizer)
+    tokenizer(["The river was built"], padding="max_length", truncation=True, max_length=4)
+    assert tokenizer_fingerprint(tokenizer) == before
 
 
 def test_a_finished_run_is_never_overwritten(trained_runs, common_flags, capsys):

@@ -1,0 +1,347 @@
+"""Benchmark this pipeline against the seed-style one, side by side in one run.
+
+The seed-style pipeline is the one the original study used: every WikiText row padded to the block size with
+labels over the padding, and generation one example at a time. Both sides share the model config, the text,
+the batch size and the number of optimizer steps. Each training measurement runs in a fresh process so that
+its peak memory is its own.
+
+    python bench/run.py --quick      # small GPT-2, a few steps: under 3 minutes on 2 CPU cores
+    python bench/run.py              # GPT-2 small from its config
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from statistics import median
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere: the tool's modules live one level up
+
+import torch  # noqa: E402
+from tabulate import tabulate  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback  # noqa: E402
+
+from data import (  # noqa: E402  # noqa: E402
+    PackedBlocks,
+    pack_into_blocks,
+    packed_blocks_cached,
+    prompt_reference_pairs,
+    tokenize_rows,
+    tokenizer_fingerprint,
+)
+from generation import generate_continuations, token_budget  # noqa: E402
+from lora_finetuning import add_lora_adapters  # noqa: E402
+from modeling import load_tokenizer  # noqa: E402
+from training import PeakMemoryTracker, build_trainer, resolve_precision  # noqa: E402
+from utils import atomic_write_json, atomic_write_text, environment_info, timestamp  # noqa: E402
+
+SHARED = ROOT.parent / "shared"
+QUICK_SHAPE = {"n_layer": 2, "n_embd": 128, "n_head": 2}
+
+
+def parse_args() -> argparse.Namespace:
+    default_model = SHARED / "gpt2-offline"
+    default_text = SHARED / "wikitext-2-raw-v1" / "wiki.test.raw"
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a 2-layer, 128-wide GPT-2 and fewer steps and examples")
+    p.add_argument(
+        "--model",
+        default=str(default_model) if default_model.is_dir() else "gpt2",
+        help="config and tokenizer (weights are not needed: the model is a random init)",
+    )
+    p.add_argument(
+        "--text",
+        default=str(default_text) if default_text.is_file() else None,
+        help="WikiText rows, one per line (default: the shared test split, else the Hub's)",
+    )
+    p.add_argument("--block_size", type=int, default=512)
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--steps", type=int, help="optimizer steps per training measurement (default: 6, quick 4)")
+    p.add_argument("--examples", type=int, help="generation examples (default: 16, quick 8)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    p.add_argument("--out_dir", default=str(ROOT / "bench" / "results"))
+    args = p.parse_args()
+    args.steps = args.steps or (4 if args.quick else 6)
+    args.examples = args.examples or (8 if args.quick else 16)
+    return args
+
+
+def load_rows(text: str | None) -> list[str]:
+    """WikiText rows with their line breaks, as the Hub serves them."""
+    if text:
+        return Path(text).read_text(encoding="utf-8").splitlines(keepends=True)
+    from datasets import load_dataset
+
+    return load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"]
+
+
+def build_model(args: argparse.Namespace, lora: bool) -> torch.nn.Module:
+    config = AutoConfig.from_pretrained(args.model)
+    if args.quick:
+        config.update(QUICK_SHAPE)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    if lora:
+        model = add_lora_adapters(
+            model,
+            SimpleNamespace(lora_rank=4, lora_alpha=32, lora_dropout=0.05, lora_target_modules=["c_attn", "c_proj"]),
+        )
+    return model
+
+
+class SeedStyleRows(torch.utils.data.Dataset):
+    """The seed pipeline's data: each row alone, padded to the block size, labels over the padding too."""
+
+    def __init__(self, rows: list[str], tokenizer, block_size: int):
+        self.encoded = tokenizer(
+            rows, padding="max_length", truncation=True, max_length=block_size, return_tensors="pt", verbose=False
+        )
+
+    def __len__(self) -> int:
+        return len(self.encoded["input_ids"])
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = self.encoded["input_ids"][i]
+        return {"input_ids": ids, "attention_mask": self.encoded["attention_mask"][i], "labels": ids}
+
+
+def training_datasets(rows: list[str], tokenizer, block_size: int) -> dict[str, torch.utils.data.Dataset]:
+    return {
+        "ours": PackedBlocks(pack_into_blocks(tokenize_rows(rows, tokenizer), block_size)),
+        "seed_style": SeedStyleRows([r for r in rows if r.strip()], tokenizer, block_size),
+    }
+
+
+def real_share_of_loss_positions(dataset: torch.utils.data.Dataset) -> float:
+    """Share of the positions the loss counts (labels not -100) that hold real text, not padding."""
+    real = counted = 0
+    for item in dataset:
+        in_loss = item["labels"] != -100
+        counted += int(in_loss.sum())
+        real += int((in_loss & item.get("attention_mask", torch.ones_like(in_loss)).bool()).sum())
+    return real / counted
+
+
+class StepClock(TrainerCallback):
+    """Wall time and real tokens of each optimizer step."""
+
+    def __init__(self):
+        self.steps: list[tuple[float, int]] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start, self._tokens = time.perf_counter(), state.num_input_tokens_seen
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if args.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.steps.append((time.perf_counter() - self._start, state.num_input_tokens_seen - self._tokens))
+
+
+def flops_per_token(model: torch.nn.Module, config, block_size: int, lora: bool) -> float:
+    """Training FLOPs per token: 6N + 12 L d T (PaLM's count), or 4N + 8 L d T with frozen weights (no
+    weight gradients). N excludes the position embedding, a lookup; the tied token embedding counts once, as
+    the output projection it also is."""
+    n = sum(p.numel() for p in model.parameters()) - config.n_positions * config.n_embd
+    attention = 12 * config.n_layer * config.n_embd * block_size
+    return (4 * n + attention * 2 / 3) if lora else (6 * n + attention)
+
+
+def train_measurement(job: dict) -> dict:
+    """One training run (ours or seed-style, full or LoRA) in this process; tokens/s after a warm-up step."""
+    args = SimpleNamespace(**job["args"])
+    torch.set_num_threads(job["threads"])
+    train = training_datasets(load_rows(args.text), load_tokenizer(args.model), args.block_size)[job["pipeline"]]
+    lora = job["mode"] == "lora"
+    model = build_model(args, lora)
+    config = (model.base_model.model if lora else model).config
+    run = SimpleNamespace(
+        batch_size=args.batch_size,
+        gradient_accumulation_steps=1,
+        epochs=1,
+        max_steps=args.steps + 1,
+        learning_rate=1e-4 if lora else 1e-5,
+        weight_decay=0.0 if lora else 0.01,
+        eval_steps=10**9,
+        logging_steps=10**9,
+        seed=2024,
+        precision=args.precision,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = build_trainer(run, model, {"train": train, "validation": train}, Path(tmp))
+        if job["pipeline"] == "seed_style":
+            trainer.args.include_num_input_tokens_seen = "non_padding"  # count real tokens, not padding
+        trainer.args.eval_strategy = "no"  # only training is timed; skip the end-of-training validation
+        trainer.args.disable_tqdm = True
+        clock = StepClock()
+        trainer.add_callback(clock)
+        with PeakMemoryTracker() as memory:
+            trainer.train()
+    timed = clock.steps[1:]  # the first step pays for allocation and kernel selection
+    seconds, tokens = sum(s for s, _ in timed), sum(t for _, t in timed)
+    positions = len(timed) * args.batch_size * args.block_size
+    return {
+        "real_tokens_per_s": tokens / seconds,
+        "positions_per_s": positions / seconds,
+        "step_s_median": median(s for s, _ in timed),
+        "flop_per_s": positions / seconds * flops_per_token(model, config, args.block_size, lora),
+        "peak_cpu_memory_mb": memory.peak_cpu_mb,
+        "peak_gpu_memory_mb": memory.peak_gpu_mb,
+    }
+
+
+def matmul_peak_flops(width: int, tokens: int, dtype: torch.dtype, device: str, seconds: float = 3.0) -> float:
+    """Best measured FLOP/s of a (tokens x width) @ (width x 4 width) matmul: the MLP's shape at this width."""
+    a = torch.randn(tokens, width, dtype=dtype, device=device)
+    b = torch.randn(width, 4 * width, dtype=dtype, device=device)
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 5 * 2 * tokens * width * 4 * width / (time.perf_counter() - start))
+    return best
+
+
+def generation_speed(args: argparse.Namespace, rows: list[str], tokenizer) -> dict:
+    from datasets import Dataset
+
+    model = build_model(args, lora=False).to("cuda" if torch.cuda.is_available() else "cpu")
+    pairs = prompt_reference_pairs(Dataset.from_dict({"text": rows}), args.examples)
+    prompts = [p for p, _ in pairs]
+    # One shared budget keeps the comparison about batching alone.
+    budgets = [token_budget(" ".join(["w"] * 20), 1.3)] * len(prompts)
+    timings, outputs = {}, {}
+    for name, batch_size in (("batched", 16), ("sequential", 1)):
+        start = time.perf_counter()
+        outputs[name] = generate_continuations(model, tokenizer, prompts, budgets, num_beams=5, batch_size=batch_size)
+        timings[name] = len(prompts) / (time.perf_counter() - start)
+    return {"examples_per_s": timings, "identical_hypotheses": outputs["batched"] == outputs["sequential"]}
+
+
+def data_prep_seconds(rows: list[str], tokenizer, block_size: int) -> dict[str, float]:
+    """Tokenize and pack the text with an empty cache, then again with it warm."""
+    timings = {}
+    with tempfile.TemporaryDirectory() as cache:
+        for name in ("cold", "warm"):
+            start = time.perf_counter()
+            packed_blocks_cached(rows, tokenizer, block_size, Path(cache), tokenizer_fingerprint(tokenizer))
+            timings[name] = time.perf_counter() - start
+    return timings
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.1f}x" if b else "-"
+
+
+def main() -> None:
+    args = parse_args()
+    threads = torch.get_num_threads()
+    tokenizer = load_tokenizer(args.model)
+    rows = load_rows(args.text)
+    precision = resolve_precision(args.precision)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = build_model(args, lora=False).config
+
+    print(f"benchmark: {config.n_layer} layers x {config.n_embd} wide, {precision} on {device}, {threads} threads")
+    efficiency = {
+        k: real_share_of_loss_positions(d) for k, d in training_datasets(rows, tokenizer, args.block_size).items()
+    }
+    prep = data_prep_seconds(rows, tokenizer, args.block_size)
+    spawn = multiprocessing.get_context("spawn")
+    train: dict = {}
+    for mode in ("full", "lora"):
+        for pipeline in ("ours", "seed_style"):
+            job = {"args": vars(args), "mode": mode, "pipeline": pipeline, "threads": threads}
+            with spawn.Pool(1) as pool:
+                train.setdefault(mode, {})[pipeline] = pool.apply(train_measurement, (job,))
+            print(f"  trained {mode:4} {pipeline:10}: {train[mode][pipeline]['real_tokens_per_s']:,.0f} real tokens/s")
+    peak = matmul_peak_flops(config.n_embd, args.batch_size * args.block_size, dtype, device)
+    generation = generation_speed(args, rows, tokenizer)
+
+    results = {
+        "batch_efficiency": efficiency,
+        "train_tokens_per_s": {m: {p: train[m][p]["real_tokens_per_s"] for p in train[m]} for m in train},
+        "train_flops_share_of_peak": {m: train[m]["ours"]["flop_per_s"] / peak for m in train},
+        "generation_examples_per_s": generation["examples_per_s"],
+        "generation_identical_hypotheses": generation["identical_hypotheses"],
+        "peak_cpu_memory_mb": {m: train[m]["ours"]["peak_cpu_memory_mb"] for m in train},
+        "peak_gpu_memory_mb": {m: train[m]["ours"]["peak_gpu_memory_mb"] for m in train},
+        "data_prep_s": prep,
+        "matmul_peak_flop_per_s": peak,
+        "training": train,
+        "model_config": {k: getattr(config, k) for k in ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size")},
+        "block_size": args.block_size,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "dtype": precision,
+        "device": device,
+        "threads": threads,
+        "text": args.text or "wikitext-2-raw-v1 test (Hub)",
+        "quick": args.quick,
+        "environment": environment_info() | {"processor": platform.processor()},
+    }
+    table = [
+        [
+            "Batch efficiency (real / trained positions)",
+            f"{efficiency['ours']:.1%}",
+            f"{efficiency['seed_style']:.1%}",
+            ratio(efficiency["ours"], efficiency["seed_style"]),
+        ],
+        *[
+            [
+                f"{m} training, real tokens/s",
+                f"{train[m]['ours']['real_tokens_per_s']:,.0f}",
+                f"{train[m]['seed_style']['real_tokens_per_s']:,.0f}",
+                ratio(train[m]["ours"]["real_tokens_per_s"], train[m]["seed_style"]["real_tokens_per_s"]),
+            ]
+            for m in train
+        ],
+        *[
+            [f"{m} training FLOP/s, share of matmul peak", f"{results['train_flops_share_of_peak'][m]:.1%}", "", ""]
+            for m in train
+        ],
+        [
+            "Generation examples/s (batched vs one at a time)",
+            f"{generation['examples_per_s']['batched']:.2f}",
+            f"{generation['examples_per_s']['sequential']:.2f}",
+            ratio(generation["examples_per_s"]["batched"], generation["examples_per_s"]["sequential"]),
+        ],
+        ["Identical hypotheses", str(generation["identical_hypotheses"]), "", ""],
+        *[
+            [f"{m} training peak CPU memory (MB)", f"{train[m]['ours']['peak_cpu_memory_mb']:,.0f}", "", ""]
+            for m in train
+        ],
+        [
+            "Data preparation s (warm vs cold cache)",
+            f"{prep['warm']:.3f}",
+            f"{prep['cold']:.3f}",
+            ratio(prep["cold"], prep["warm"]),
+        ],
+    ]
+    markdown = tabulate(table, headers=["", "this pipeline", "seed-style / baseline", "ratio"], tablefmt="github")
+    header = (
+        f"{config.n_layer} layers x {config.n_embd} wide, block {args.block_size}, batch {args.batch_size}, "
+        f"{args.steps} timed steps, {precision} on {device} ({threads} threads); matmul peak "
+        f"{peak / 1e9:,.1f} GFLOP/s"
+    )
+    print(header)
+    print(markdown)
+    out = Path(args.out_dir)
+    stamp = timestamp()
+    atomic_write_json(out / f"{stamp}.json", results)
+    atomic_write_text(out / f"{stamp}.md", f"{header}\n\n{markdown}\n")
+    print(f"wrote {out / stamp}.json and .md")
+
+
+if __name__ == "__main__":
+    main()
