@@ -9,8 +9,8 @@ from peft import PeftModel
 
 from data import load_text_splits, prepare_lm_splits
 from modeling import load_causal_lm, load_tokenizer
-from training import evaluate_and_save_results, evaluation_trainer, new_run_dir, run_record
-from utils import ToolError, one_line, timestamp
+from training import evaluate_and_save_results, evaluation_trainer, open_run_dir, run_record, shared_run_name
+from utils import ToolError, one_line
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -22,7 +22,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             model = PeftModel.from_pretrained(model, args.adapter)
         except Exception as e:  # peft raises ValueError/OSError/HF errors for a missing or foreign adapter
             raise ToolError(f"could not load LoRA adapter '{args.adapter}' ({one_line(e)})") from e
-    run_dir = new_run_dir(args.output_dir, args.run_name or f"{mode}-{timestamp()}")
+    args.run_name = shared_run_name(args, mode)
+    run_dir, _ = open_run_dir(args, mode)
     splits = load_text_splits(args.dataset, args.dataset_config, args.data_dir)
     data = prepare_lm_splits(splits, tokenizer, args.block_size, args.data_fraction, args.seed, args.cache_dir)
     results = run_record(args, mode, run_dir, model)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from run_control import RunInterrupted
 from utils import ToolError
 
 
@@ -114,6 +115,23 @@ def training_flags(learning_rate: float, weight_decay: float) -> argparse.Argume
     g.add_argument("--gradient_accumulation_steps", type=positive_int, default=1, help="(default: 1)")
     g.add_argument("--eval_steps", type=positive_int, help="validate every N steps (default: once per epoch)")
     g.add_argument("--logging_steps", type=positive_int, default=10, help="steps per logged loss (default: 10)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g = p.add_argument_group("checkpoints and scale-out")
+    g.add_argument(
+        "--save_steps", type=positive_int, help="checkpoint every N steps (default: every epoch and the end)"
+    )
+    g.add_argument("--save_total_limit", type=positive_int, default=2, help="checkpoints kept (default: 2)")
+    g.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        metavar="CHECKPOINT",
+        help="continue an interrupted run: its latest checkpoint (the --run_name run, else the latest "
+        "interrupted one), or the CHECKPOINT directory given",
+    )
+    g.add_argument("--fsdp", help="the Trainer's FSDP option, e.g. 'full_shard auto_wrap' (under torchrun/accelerate)")
+    g.add_argument("--fsdp_config", help="FSDP config file (JSON) for the Trainer")
+    g.add_argument("--deepspeed", help="DeepSpeed config file (JSON) for the Trainer")
     return p
 
 
@@ -170,6 +188,12 @@ def main(argv: list[str] | None = None) -> int:
             transformers.set_seed(args.seed)
             recipe = {"full": full_finetuning, "lora": lora_finetuning, "evaluate": evaluation}[args.command]
             recipe.run(args)
+    except RunInterrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("stopped: interrupted; nothing finished was changed", file=sys.stderr)
+        return 130
     except ToolError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if args.command == "score" else 1

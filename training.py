@@ -3,65 +3,26 @@
 from __future__ import annotations
 
 import argparse
-import math
+import json
 import shutil
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments, default_data_collator
+from transformers.trainer_utils import get_last_checkpoint
 
 from data import PackedBlocks, load_text_splits, prepare_lm_splits, prompt_reference_pairs
 from generation import evaluate_generation
+from measurement import PeakMemoryTracker, best, max_over_processes, perplexity
 from modeling import count_parameters
 from report import plot_loss_curves, print_run_summary
+from run_control import CheckedTrainer, RunInterrupted, StopOnSignal
 from utils import MIB, ToolError, atomic_write_json, environment_info, timestamp
-
-
-class PeakMemoryTracker:
-    """Peak resident memory of this process, and peak CUDA memory torch allocated, inside a `with` block."""
-
-    def __enter__(self) -> PeakMemoryTracker:
-        self.peak_cpu_mb: float | None = None
-        self.peak_gpu_mb: float | None = None
-        self._sampler = None
-        try:  # Linux: reset the kernel's high-water mark, then read it at the end (exact, no sampling)
-            Path("/proc/self/clear_refs").write_text("5")
-            self._exact = True
-        except OSError:
-            self._exact = False
-            self._sampled_peak = psutil.Process().memory_info().rss
-            self._stop = threading.Event()
-            self._sampler = threading.Thread(target=self._sample, daemon=True)
-            self._sampler.start()
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        return self
-
-    def _sample(self) -> None:
-        process = psutil.Process()
-        while not self._stop.wait(0.02):
-            self._sampled_peak = max(self._sampled_peak, process.memory_info().rss)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._exact:
-            status = Path("/proc/self/status").read_text()
-            kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
-            self.peak_cpu_mb = kib * 1024 / MIB
-        else:
-            self._stop.set()
-            self._sampler.join()
-            self.peak_cpu_mb = self._sampled_peak / MIB
-        if torch.cuda.is_available():
-            self.peak_gpu_mb = torch.cuda.max_memory_allocated() / MIB
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(loss) if loss < 700 else math.inf
 
 
 def resolve_precision(choice: str) -> str:
@@ -74,31 +35,78 @@ def resolve_precision(choice: str) -> str:
     return choice
 
 
-def new_run_dir(output_dir: str, run_name: str) -> Path:
-    """A fresh directory for the run; one that already holds a run is never reused."""
-    run_dir = Path(output_dir) / run_name
-    if (run_dir / "results.json").exists():
-        raise ToolError(f"{run_dir} already holds a run; choose another --run_name or move it away")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+def process_state() -> PartialState:
+    """This process's place among the launched ones (torchrun, accelerate launch; alone otherwise)."""
+    # accelerate only forms a multi-process CPU group (gloo) when told the run is CPU-only.
+    return PartialState(cpu=cpu_only())
 
 
-def save_model(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, target: Path) -> float:
+def cpu_only() -> bool:
+    return not torch.cuda.is_available() and not torch.backends.mps.is_available()
+
+
+def open_run_dir(args: argparse.Namespace, mode: str) -> tuple[Path, str | None]:
+    """The run's directory, and the checkpoint to resume from (None for a fresh run).
+
+    A fresh run never reuses a directory that holds results; a resumed run continues an unfinished one.
+    """
+    output_dir = Path(args.output_dir)
+    resume = getattr(args, "resume", None)
+    if resume is None:
+        run_dir = output_dir / args.run_name
+        if (run_dir / "results.json").exists():
+            raise ToolError(f"{run_dir} already holds a run; choose another --run_name or move it away")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return run_dir, None
+    if resume == "latest":
+        run_dir = output_dir / args.run_name if args.run_name else latest_interrupted_run(output_dir, mode)
+        checkpoint = get_last_checkpoint(str(run_dir / "checkpoints")) if (run_dir / "checkpoints").is_dir() else None
+    else:
+        checkpoint = resume
+        run_dir = Path(resume).resolve().parent.parent
+    if not checkpoint or not (Path(checkpoint) / "trainer_state.json").is_file():
+        raise ToolError(f"no checkpoint to resume from in {run_dir}")
+    previous = read_results(run_dir)
+    if previous.get("status") == "finished":
+        raise ToolError(f"{run_dir} finished already; there is nothing to resume")
+    return run_dir, str(checkpoint)
+
+
+def read_results(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "results.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def latest_interrupted_run(output_dir: Path, mode: str) -> Path:
+    runs = [p.parent for p in output_dir.glob("*/results.json")]
+    runs = [r for r in runs if read_results(r).get("status") == "interrupted" and read_results(r).get("mode") == mode]
+    if not runs:
+        raise ToolError(f"no interrupted {mode} run under {output_dir} to resume; name one with --run_name")
+    return max(runs, key=lambda r: (r / "results.json").stat().st_mtime)
+
+
+def save_model(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, target: Path) -> float | None:
     """Save the model (or adapter) with its tokenizer, appearing at `target` whole or not at all.
 
-    Returns the size of the saved weights in MiB.
+    Every process takes part (sharded models are gathered); the main one writes and returns the weights' MiB.
     """
     staging = target.with_name(f".{target.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
+    main = trainer.is_world_process_zero()
+    if main:
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(staging))
+    if not main:
+        return None
     tokenizer.save_pretrained(str(staging))
-    if trainer.is_world_process_zero():
-        (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle of our flags; results.json has them
-        staging.rename(target)
+    (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle of our flags; results.json has them
+    staging.rename(target)
     return sum(f.stat().st_size for f in target.glob("*.safetensors")) / MIB
 
 
-def build_trainer(args: argparse.Namespace, model: PreTrainedModel, data: dict[str, PackedBlocks], run_dir: Path):
+def build_trainer(
+    args: argparse.Namespace, model: PreTrainedModel, data: dict[str, PackedBlocks], run_dir: Path
+) -> CheckedTrainer:
     precision = resolve_precision(args.precision)
     training_args = TrainingArguments(
         output_dir=str(run_dir / "checkpoints"),
@@ -112,14 +120,22 @@ def build_trainer(args: argparse.Namespace, model: PreTrainedModel, data: dict[s
         eval_strategy="steps" if args.eval_steps else "epoch",
         eval_steps=args.eval_steps,
         logging_steps=args.logging_steps,
-        save_strategy="no",
+        logging_nan_inf_filter=False,
+        save_strategy="steps" if args.save_steps else "epoch",
+        save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit,
         seed=args.seed,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
+        torch_compile=args.compile,
+        fsdp=args.fsdp or None,
+        fsdp_config=args.fsdp_config,
+        deepspeed=args.deepspeed,
         include_num_input_tokens_seen="all",  # packed blocks hold no padding: all are real tokens
+        use_cpu=cpu_only(),
         report_to="none",
     )
-    return Trainer(
+    return CheckedTrainer(
         model=model,
         args=training_args,
         train_dataset=data["train"],
@@ -136,11 +152,6 @@ def final_validation_loss(trainer: Trainer, validation: PackedBlocks) -> float:
     return trainer.evaluate(validation)["eval_loss"]
 
 
-def best(log_history: list[dict], key: str) -> float | None:
-    values = [entry[key] for entry in log_history if key in entry]
-    return min(values) if values else None
-
-
 def evaluation_trainer(args: argparse.Namespace, model: PreTrainedModel, run_dir: Path) -> Trainer:
     """A Trainer that only evaluates, for models this tool did not train."""
     precision = resolve_precision(args.precision)
@@ -149,6 +160,7 @@ def evaluation_trainer(args: argparse.Namespace, model: PreTrainedModel, run_dir
         per_device_eval_batch_size=args.batch_size,
         bf16_full_eval=precision == "bf16",
         fp16_full_eval=precision == "fp16",
+        use_cpu=cpu_only(),
         report_to="none",
     )
     return Trainer(model=model, args=training_args, data_collator=default_data_collator)
@@ -157,6 +169,7 @@ def evaluation_trainer(args: argparse.Namespace, model: PreTrainedModel, run_dir
 def run_record(args: argparse.Namespace, mode: str, run_dir: Path, model: PreTrainedModel) -> dict[str, Any]:
     """The fields of results.json every run has, before anything is measured."""
     trainable, total = count_parameters(model)
+    world_size = process_state().num_processes
     return {
         "status": "running",
         "mode": mode,
@@ -166,6 +179,8 @@ def run_record(args: argparse.Namespace, mode: str, run_dir: Path, model: PreTra
         "config": vars(args),
         "environment": environment_info(),
         "precision": resolve_precision(args.precision),
+        "world_size": world_size,
+        "global_batch_size": args.batch_size * getattr(args, "gradient_accumulation_steps", 1) * world_size,
         "trainable_params": trainable if mode != "base" else 0,
         "total_params": total,
     }
@@ -179,7 +194,8 @@ def evaluate_and_save_results(
     splits: dict,
     data: dict[str, PackedBlocks],
 ) -> dict[str, Any]:
-    """Validation and test loss, generation scores; then results.json, the loss plot and the summary."""
+    """Validation and test loss (every process), then on the main process alone: generation scores,
+    results.json, the loss plot and the summary."""
     run_dir = Path(results["run_dir"])
     val_loss = final_validation_loss(trainer, data["validation"])
     test_loss = trainer.evaluate(data["test"], metric_key_prefix="test")["test_loss"]
@@ -193,10 +209,12 @@ def evaluate_and_save_results(
         test_perplexity=perplexity(test_loss),
         metrics=None,
     )
+    if not trainer.is_world_process_zero():
+        return results
     if args.eval_examples:
         pairs = prompt_reference_pairs(splits["test"], args.eval_examples)
         results["metrics"] = evaluate_generation(
-            trainer.model,
+            trainer.accelerator.unwrap_model(trainer.model),
             tokenizer,
             pairs,
             num_beams=args.num_beams,
@@ -211,29 +229,76 @@ def evaluate_and_save_results(
     return results
 
 
+def shared_run_name(args: argparse.Namespace, mode: str) -> str:
+    """The run name, decided by the main process so that every process writes to the same place."""
+    name = [args.run_name or f"{mode}-{timestamp()}"]
+    if process_state().num_processes > 1:
+        broadcast_object_list(name)
+    return name[0]
+
+
 def finetune(
     args: argparse.Namespace, mode: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
 ) -> dict[str, Any]:
     """Train `model` on the packed splits, measure the run, evaluate it, save it; return results.json's content."""
-    run_dir = new_run_dir(args.output_dir, args.run_name or f"{mode}-{timestamp()}")
-    splits = load_text_splits(args.dataset, args.dataset_config, args.data_dir)
-    data = prepare_lm_splits(splits, tokenizer, args.block_size, args.data_fraction, args.seed, args.cache_dir)
+    state = process_state()
+    args.run_name = shared_run_name(args, mode)
+    with state.main_process_first():  # one process prepares the data; the others read its cache
+        run_dir, checkpoint = open_run_dir(args, mode)
+        splits = load_text_splits(args.dataset, args.dataset_config, args.data_dir)
+        data = prepare_lm_splits(splits, tokenizer, args.block_size, args.data_fraction, args.seed, args.cache_dir)
     trainer = build_trainer(args, model, data, run_dir)
-    results = run_record(args, mode, run_dir, model)
+    stop = StopOnSignal()
+    trainer.add_callback(stop)
+    previous = read_results(run_dir) if checkpoint else {}
+    results = run_record(args, mode, run_dir, model) | {"resumed_from": checkpoint}
 
-    with PeakMemoryTracker() as memory:
+    with PeakMemoryTracker() as memory, stop:
         start = time.perf_counter()
-        trainer.train()
-        train_time = time.perf_counter() - start
+        try:
+            trainer.train(resume_from_checkpoint=checkpoint)
+        except torch.OutOfMemoryError as e:
+            raise ToolError(
+                f"out of GPU memory at --batch_size {args.batch_size} (blocks of {args.block_size} tokens); "
+                "use a smaller --batch_size with more --gradient_accumulation_steps, or a smaller --block_size"
+            ) from e
+        train_time = time.perf_counter() - start + previous.get("train_time_s", 0.0)
 
-    train_tokens = int(trainer.state.num_input_tokens_seen)
+    train_tokens = int(trainer.state.num_input_tokens_seen)  # every process's tokens, restored on resume
     results.update(
-        model_size_mb=save_model(trainer, tokenizer, run_dir / ("adapter" if mode == "lora" else "model")),
         train_time_s=train_time,
-        peak_gpu_memory_mb=memory.peak_gpu_mb,
-        peak_cpu_memory_mb=memory.peak_cpu_mb,
+        peak_gpu_memory_mb=max_over_processes(memory.peak_gpu_mb),
+        peak_cpu_memory_mb=max_over_processes(memory.peak_cpu_mb),
+        peak_memory_is_max_over_processes=state.num_processes > 1,
         train_tokens=train_tokens,
         train_tokens_per_s=train_tokens / train_time,
         optimizer_steps=trainer.state.global_step,
     )
+    for key in ("peak_gpu_memory_mb", "peak_cpu_memory_mb"):  # a resumed run's peak covers every session
+        results[key] = max((v for v in (results[key], previous.get(key)) if v is not None), default=None)
+    if stop.received:
+        raise interrupted(trainer, results, stop.received, mode)
+    results["model_size_mb"] = save_model(trainer, tokenizer, run_dir / ("adapter" if mode == "lora" else "model"))
     return evaluate_and_save_results(args, results, trainer, tokenizer, splits, data)
+
+
+def interrupted(trainer: Trainer, results: dict[str, Any], signal_name: str, mode: str) -> RunInterrupted:
+    """Record what was measured before the stop, and say how to go on."""
+    run_dir = Path(results["run_dir"])
+    step = trainer.state.global_step
+    if trainer.is_world_process_zero():
+        history = trainer.state.log_history
+        results.update(
+            status="interrupted",
+            interrupted_at_step=step,
+            checkpoint=str(run_dir / "checkpoints" / f"checkpoint-{step}"),
+            best_train_loss=best(history, "loss"),
+            best_val_loss=best(history, "eval_loss"),
+            log_history=history,
+        )
+        atomic_write_json(run_dir / "results.json", results)
+    return RunInterrupted(
+        f"interrupted by {signal_name} at step {step}; checkpoint saved in {run_dir / 'checkpoints'}. "
+        f"Resume with: python main.py {mode} --resume --run_name {run_dir.name} --output_dir {run_dir.parent} "
+        "(and the same other flags)"
+    )
