@@ -242,9 +242,11 @@ def finetune(
 ) -> dict[str, Any]:
     """Train `model` on the packed splits, measure the run, evaluate it, save it; return results.json's content."""
     state = process_state()
-    args.run_name = shared_run_name(args, mode)
+    if args.resume is None:
+        args.run_name = shared_run_name(args, mode)
     with state.main_process_first():  # one process prepares the data; the others read its cache
         run_dir, checkpoint = open_run_dir(args, mode)
+        args.run_name = run_dir.name
         splits = load_text_splits(args.dataset, args.dataset_config, args.data_dir)
         data = prepare_lm_splits(splits, tokenizer, args.block_size, args.data_fraction, args.seed, args.cache_dir)
     trainer = build_trainer(args, model, data, run_dir)

@@ -28,6 +28,7 @@ import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback  # noqa: E402
 
+import main as cli  # noqa: E402
 from data import (  # noqa: E402  # noqa: E402
     PackedBlocks,
     pack_into_blocks,
@@ -82,18 +83,20 @@ def load_rows(text: str | None) -> list[str]:
     return load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"]
 
 
+def recipe_flags(args: argparse.Namespace, mode: str) -> argparse.Namespace:
+    """The tool's own flags and defaults for `mode`, as a user running this many steps would get them."""
+    argv = [mode, "--batch_size", str(args.batch_size), "--block_size", str(args.block_size)]
+    argv += ["--max_steps", str(args.steps + 1), "--precision", args.precision, "--logging_steps", "1000000"]
+    return cli.build_parser().parse_args(argv)
+
+
 def build_model(args: argparse.Namespace, lora: bool) -> torch.nn.Module:
     config = AutoConfig.from_pretrained(args.model)
     if args.quick:
         config.update(QUICK_SHAPE)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
-    if lora:
-        model = add_lora_adapters(
-            model,
-            SimpleNamespace(lora_rank=4, lora_alpha=32, lora_dropout=0.05, lora_target_modules=["c_attn", "c_proj"]),
-        )
-    return model
+    return add_lora_adapters(model, recipe_flags(args, "lora")) if lora else model
 
 
 class SeedStyleRows(torch.utils.data.Dataset):
@@ -161,20 +164,10 @@ def train_measurement(job: dict) -> dict:
     lora = job["mode"] == "lora"
     model = build_model(args, lora)
     config = (model.base_model.model if lora else model).config
-    run = SimpleNamespace(
-        batch_size=args.batch_size,
-        gradient_accumulation_steps=1,
-        epochs=1,
-        max_steps=args.steps + 1,
-        learning_rate=1e-4 if lora else 1e-5,
-        weight_decay=0.0 if lora else 0.01,
-        eval_steps=10**9,
-        logging_steps=10**9,
-        seed=2024,
-        precision=args.precision,
-    )
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = build_trainer(run, model, {"train": train, "validation": train}, Path(tmp))
+        flags = recipe_flags(args, job["mode"])
+        trainer = build_trainer(flags, model, {"train": train, "validation": train}, Path(tmp))
+        trainer.args.save_strategy = "no"  # checkpoints are not what is measured here
         if job["pipeline"] == "seed_style":
             trainer.args.include_num_input_tokens_seen = "non_padding"  # count real tokens, not padding
         trainer.args.eval_strategy = "no"  # only training is timed; skip the end-of-training validation

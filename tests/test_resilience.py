@@ -64,7 +64,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_ends_with_the_uninterrupted_weigh
     assert cli.main(["compare", "--output_dir", str(tmp_path), "--all"]) == 0
     assert "(stopped)" not in capsys.readouterr().out  # compare shows finished runs only
 
-    assert cli.main(["full", *flags, "--resume", "--run_name", "stopped"]) == 0
+    assert cli.main(["full", *flags, "--resume"]) == 0  # the latest interrupted full run
     resumed = json.loads((tmp_path / "stopped" / "results.json").read_text())
     assert resumed["status"] == "finished" and resumed["optimizer_steps"] == 12
     assert resumed["train_tokens"] == 12 * 4 * 32

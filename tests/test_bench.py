@@ -1,0 +1,36 @@
+"""The benchmark runs end to end at a toy size (it asserts no timing: speed lives in bench/, not in tests)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_benchmark_writes_every_figure(tiny_model_dir, data_dir, tmp_path):
+    argv = [
+        sys.executable,
+        "bench/run.py",
+        "--quick",
+        "--model",
+        str(tiny_model_dir),
+        "--text",
+        str(data_dir / "test.txt"),
+    ]
+    argv += ["--block_size", "32", "--steps", "2", "--examples", "3", "--out_dir", str(tmp_path)]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (written,) = tmp_path.glob("*.json")
+    results = json.loads(written.read_text())
+    assert results["batch_efficiency"]["ours"] == 1.0 and 0 < results["batch_efficiency"]["seed_style"] < 1
+    for mode in ("full", "lora"):
+        assert set(results["train_tokens_per_s"][mode]) == {"ours", "seed_style"}
+        assert results["train_flops_share_of_peak"][mode] > 0 and results["peak_cpu_memory_mb"][mode] > 0
+    assert set(results["generation_examples_per_s"]) == {"batched", "sequential"}
+    assert results["generation_identical_hypotheses"] is True
+    assert set(results["data_prep_s"]) == {"cold", "warm"}
+    assert {"model_config", "dtype", "device", "threads"} <= results.keys()
+    assert written.with_suffix(".md").read_text().count("|") > 20
