@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-from itertools import groupby
 from pathlib import Path
 
 import torch
@@ -26,6 +25,23 @@ def token_budget(reference: str, tokens_per_word: float) -> int:
     return BUDGET_BUCKET * max(1, math.ceil(tokens_per_word * len(reference.split()) / BUDGET_BUCKET))
 
 
+def batch_by_budget_and_length(budgets: list[int], lengths: list[int], batch_size: int) -> list[tuple[int, list[int]]]:
+    """Batches of example indices sharing one budget and of similar prompt length.
+
+    A batch's longest prompt is at most twice its shortest plus 8 tokens: beam search copies its key-value
+    cache every step, so padding costs as much as text.
+    """
+    batches: list[tuple[int, list[int]]] = []
+    for i in sorted(range(len(budgets)), key=lambda i: (budgets[i], lengths[i])):
+        if batches:
+            budget, batch = batches[-1]
+            if budget == budgets[i] and len(batch) < batch_size and lengths[i] <= 2 * lengths[batch[0]] + 8:
+                batch.append(i)
+                continue
+        batches.append((budgets[i], [i]))
+    return batches
+
+
 @torch.no_grad()
 def generate_continuations(
     model: PreTrainedModel,
@@ -41,14 +57,10 @@ def generate_continuations(
     tokenizer.truncation_side = "left"
     max_positions = getattr(model.config, "n_positions", None) or model.config.max_position_embeddings
     lengths = [len(ids) for ids in tokenizer(prompts, verbose=False)["input_ids"]]
-    # Sorting by budget, then prompt length, keeps padding and the number of batches small.
-    order = sorted(range(len(prompts)), key=lambda i: (budgets[i], lengths[i]))
-    batches = []
-    for budget, members in groupby(order, key=budgets.__getitem__):
-        members = list(members)
-        batches += [(budget, members[i : i + batch_size]) for i in range(0, len(members), batch_size)]
     hypotheses = [""] * len(prompts)
-    for budget, batch in tqdm(batches, desc="generating", unit="batch"):
+    for budget, batch in tqdm(
+        batch_by_budget_and_length(budgets, lengths, batch_size), desc="generating", unit="batch"
+    ):
         inputs = tokenizer(
             [prompts[i] for i in batch],
             return_tensors="pt",

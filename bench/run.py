@@ -65,12 +65,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--block_size", type=int, default=512)
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--steps", type=int, help="optimizer steps per training measurement (default: 6, quick 4)")
-    p.add_argument("--examples", type=int, help="generation examples (default: 16, quick 8)")
+    p.add_argument("--examples", type=int, help="generation examples (default: 48, quick 8)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     p.add_argument("--out_dir", default=str(ROOT / "bench" / "results"))
     args = p.parse_args()
     args.steps = args.steps or (4 if args.quick else 6)
-    args.examples = args.examples or (8 if args.quick else 16)
+    args.examples = args.examples or (8 if args.quick else 48)
     return args
 
 

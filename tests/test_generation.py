@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import main as cli
 from data import prompt_reference_pairs
-from generation import generate_continuations, token_budget
+from generation import batch_by_budget_and_length, generate_continuations, token_budget
 from modeling import load_tokenizer
 
 
@@ -24,6 +24,17 @@ def test_token_budget_grows_with_the_reference_and_is_shared_in_steps_of_16():
     assert token_budget("one two three", 1.3) == 16
     assert token_budget(" ".join(["w"] * 13), 1.3) == 32  # 16.9 tokens -> next multiple of 16
     assert token_budget(" ".join(["w"] * 100), 1.5) == 160
+
+
+def test_batches_share_a_budget_and_keep_prompt_lengths_within_twice_plus_8():
+    budgets = [16, 16, 32, 16, 16, 16, 16]
+    lengths = [3, 100, 5, 4, 60, 12, 11]
+    assert batch_by_budget_and_length(budgets, lengths, batch_size=2) == [
+        (16, [0, 3]), (16, [6, 5]), (16, [4, 1]), (32, [2])
+    ]  # fmt: skip
+    assert batch_by_budget_and_length(budgets, lengths, batch_size=3) == [
+        (16, [0, 3, 6]), (16, [5]), (16, [4, 1]), (32, [2])  # 60 tokens is over 2 x 12 + 8
+    ]  # fmt: skip
 
 
 def test_batched_generation_gives_the_same_hypotheses_as_one_at_a_time(trained_runs, data_dir):
