@@ -211,8 +211,8 @@ def evaluate_and_save_results(
     )
     if not trainer.is_world_process_zero():
         return results
-    if args.eval_examples:
-        pairs = prompt_reference_pairs(splits["test"], args.eval_examples)
+    pairs = prompt_reference_pairs(splits["test"], args.eval_examples) if args.eval_examples else []
+    if pairs:
         results["metrics"] = evaluate_generation(
             trainer.accelerator.unwrap_model(trainer.model),
             tokenizer,

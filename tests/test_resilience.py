@@ -132,3 +132,17 @@ def test_two_processes_with_gloo_match_one_process_with_the_same_global_batch(
     assert two_losses == pytest.approx(one_losses, rel=1e-4)
     assert two_results["test_loss"] == pytest.approx(one_results["test_loss"], rel=1e-4)
     assert two_results["metrics"]["num_examples"] == 2
+
+
+def test_accelerate_launch_runs_two_processes_that_write_one_run(common_flags, tmp_path):
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "main.py"]
+    flags = [*common_flags, "--output_dir", str(tmp_path), "--run_name", "acc", "--max_steps", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(
+        [*launch, "lora", *flags, "--batch_size", "2"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "acc" / "results.json").read_text())
+    assert results["world_size"] == 2 and results["train_tokens"] == 4 * 2 * 2 * 32
+    assert [p.name for p in tmp_path.iterdir()] == ["acc"]
