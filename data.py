@@ -96,10 +96,6 @@ class PackedBlocks(torch.utils.data.Dataset):
         labels[0] = -100
         return {"input_ids": ids, "labels": labels}
 
-    @property
-    def num_tokens(self) -> int:
-        return int(self.blocks.size)
-
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     if not tokenizer.is_fast:

@@ -51,7 +51,7 @@ def generate_continuations(
     num_beams: int,
     batch_size: int,
 ) -> list[str]:
-    """Beam-search continuation of each prompt (new tokens only, decoded), batched by equal budget."""
+    """Beam-search continuation of each prompt (new tokens only, decoded), batched by budget and length."""
     model.eval()
     tokenizer.padding_side = "left"
     tokenizer.truncation_side = "left"

@@ -45,11 +45,6 @@ def timestamp() -> str:
     return datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def dir_size_mb(path: Path) -> float:
-    """Total size of the files below `path`, in MiB."""
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / MIB
-
-
 def environment_info() -> dict[str, Any]:
     """Library versions and the device, so a result can be reproduced and compared fairly."""
     import datasets
