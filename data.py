@@ -150,12 +150,12 @@ def prepare_lm_splits(
 
 def prompt_reference_pairs(test_split: Dataset, n: int) -> list[tuple[str, str]]:
     """The first `n` test rows of two words or more, in order, each cut at half its words."""
-    pairs = []
+    pairs: list[tuple[str, str]] = []
     for text in test_split["text"]:
+        if len(pairs) == n:
+            break
         words = text.split()
         if len(words) >= 2:
             half = len(words) // 2
             pairs.append((" ".join(words[:half]), " ".join(words[half:])))
-            if len(pairs) == n:
-                break
     return pairs

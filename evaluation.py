@@ -7,9 +7,15 @@ from typing import Any
 
 from peft import PeftModel
 
-from data import load_text_splits, prepare_lm_splits
 from modeling import load_causal_lm, load_tokenizer
-from training import evaluate_and_save_results, evaluation_trainer, open_run_dir, run_record, shared_run_name
+from training import (
+    evaluate_and_save_results,
+    evaluation_trainer,
+    load_packed_splits,
+    open_run_dir,
+    run_record,
+    shared_run_name,
+)
 from utils import ToolError, one_line
 
 
@@ -23,8 +29,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         except Exception as e:  # peft raises ValueError/OSError/HF errors for a missing or foreign adapter
             raise ToolError(f"could not load LoRA adapter '{args.adapter}' ({one_line(e)})") from e
     args.run_name = shared_run_name(args, mode)
-    run_dir, _ = open_run_dir(args, mode)
-    splits = load_text_splits(args.dataset, args.dataset_config, args.data_dir)
-    data = prepare_lm_splits(splits, tokenizer, args.block_size, args.data_fraction, args.seed, args.cache_dir)
+    run_dir, _, _ = open_run_dir(args, mode)
+    splits, data = load_packed_splits(args, tokenizer)
     results = run_record(args, mode, run_dir, model)
     return evaluate_and_save_results(args, results, evaluation_trainer(args, model, run_dir), tokenizer, splits, data)

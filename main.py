@@ -179,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
 
             score_csv(args.csv)
         else:
+            import torch.distributed as dist
             import transformers
 
             import evaluation
@@ -187,7 +188,13 @@ def main(argv: list[str] | None = None) -> int:
 
             transformers.set_seed(args.seed)
             recipe = {"full": full_finetuning, "lora": lora_finetuning, "evaluate": evaluation}[args.command]
-            recipe.run(args)
+            try:
+                recipe.run(args)
+            finally:
+                # Leave the process group explicitly: a process that exits with it still open (others finish
+                # first while the main one scores generations) can abort in the group's teardown.
+                if dist.is_available() and dist.is_initialized():
+                    dist.destroy_process_group()
     except RunInterrupted as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 130

@@ -94,7 +94,7 @@ def read_runs(output_dir: Path) -> list[dict[str, Any]]:
         except (OSError, ValueError) as e:
             print(f"skipping {path}: not a complete results.json ({e})", file=sys.stderr)
             continue
-        results.setdefault("run_dir", str(path.parent))
+        results["run_dir"] = str(path.parent)  # where the run is now, even if it was moved
         runs.append(results)
     return runs
 

@@ -20,7 +20,7 @@ from data import PackedBlocks, load_text_splits, prepare_lm_splits, prompt_refer
 from generation import evaluate_generation
 from measurement import PeakMemoryTracker, best, max_over_processes, perplexity
 from modeling import count_parameters
-from report import plot_loss_curves, print_run_summary
+from report import plot_loss_curves, print_run_summary, read_runs
 from run_control import CheckedTrainer, RunInterrupted, StopOnSignal
 from utils import MIB, ToolError, atomic_write_json, environment_info, timestamp
 
@@ -45,8 +45,9 @@ def cpu_only() -> bool:
     return not torch.cuda.is_available() and not torch.backends.mps.is_available()
 
 
-def open_run_dir(args: argparse.Namespace, mode: str) -> tuple[Path, str | None]:
-    """The run's directory, and the checkpoint to resume from (None for a fresh run).
+def open_run_dir(args: argparse.Namespace, mode: str) -> tuple[Path, str | None, dict[str, Any]]:
+    """The run's directory, the checkpoint to resume from (None for a fresh run) and what the interrupted
+    run recorded so far (empty for a fresh run).
 
     A fresh run never reuses a directory that holds results; a resumed run continues an unfinished one.
     """
@@ -57,7 +58,7 @@ def open_run_dir(args: argparse.Namespace, mode: str) -> tuple[Path, str | None]
         if (run_dir / "results.json").exists():
             raise ToolError(f"{run_dir} already holds a run; choose another --run_name or move it away")
         run_dir.mkdir(parents=True, exist_ok=True)
-        return run_dir, None
+        return run_dir, None, {}
     if resume == "latest":
         run_dir = output_dir / args.run_name if args.run_name else latest_interrupted_run(output_dir, mode)
         checkpoint = get_last_checkpoint(str(run_dir / "checkpoints")) if (run_dir / "checkpoints").is_dir() else None
@@ -69,20 +70,22 @@ def open_run_dir(args: argparse.Namespace, mode: str) -> tuple[Path, str | None]
     previous = read_results(run_dir)
     if previous.get("status") == "finished":
         raise ToolError(f"{run_dir} finished already; there is nothing to resume")
-    return run_dir, str(checkpoint)
+    return run_dir, str(checkpoint), previous
 
 
 def read_results(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "results.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError as e:
+        raise ToolError(f"{path} is damaged ({e}); resume from a checkpoint path with --resume PATH") from e
 
 
 def latest_interrupted_run(output_dir: Path, mode: str) -> Path:
-    runs = [p.parent for p in output_dir.glob("*/results.json")]
-    runs = [r for r in runs if read_results(r).get("status") == "interrupted" and read_results(r).get("mode") == mode]
+    runs = [r for r in read_runs(output_dir) if r.get("status") == "interrupted" and r["mode"] == mode]
     if not runs:
         raise ToolError(f"no interrupted {mode} run under {output_dir} to resume; name one with --run_name")
-    return max(runs, key=lambda r: (r / "results.json").stat().st_mtime)
+    return max((Path(r["run_dir"]) for r in runs), key=lambda d: (d / "results.json").stat().st_mtime)
 
 
 def save_model(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, target: Path) -> float | None:
@@ -104,14 +107,28 @@ def save_model(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, target: Pat
     return sum(f.stat().st_size for f in target.glob("*.safetensors")) / MIB
 
 
+def training_arguments(args: argparse.Namespace, run_dir: Path, **training: Any) -> TrainingArguments:
+    """The Trainer's arguments for this run: evaluation and precision as every run shares them, plus `training`."""
+    precision = resolve_precision(args.precision)
+    return TrainingArguments(
+        output_dir=str(run_dir / "checkpoints"),
+        per_device_eval_batch_size=args.batch_size,
+        seed=args.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=cpu_only(),
+        report_to="none",
+        **training,
+    )
+
+
 def build_trainer(
     args: argparse.Namespace, model: PreTrainedModel, data: dict[str, PackedBlocks], run_dir: Path
 ) -> CheckedTrainer:
-    precision = resolve_precision(args.precision)
-    training_args = TrainingArguments(
-        output_dir=str(run_dir / "checkpoints"),
+    training_args = training_arguments(
+        args,
+        run_dir,
         per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         num_train_epochs=args.epochs,
         max_steps=args.max_steps or -1,
@@ -124,16 +141,11 @@ def build_trainer(
         save_strategy="steps" if args.save_steps else "epoch",
         save_steps=args.save_steps,
         save_total_limit=args.save_total_limit,
-        seed=args.seed,
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
         torch_compile=args.compile,
         fsdp=args.fsdp or None,
         fsdp_config=args.fsdp_config,
         deepspeed=args.deepspeed,
         include_num_input_tokens_seen="all",  # packed blocks hold no padding: all are real tokens
-        use_cpu=cpu_only(),
-        report_to="none",
     )
     return CheckedTrainer(
         model=model,
@@ -153,17 +165,15 @@ def final_validation_loss(trainer: Trainer, validation: PackedBlocks) -> float:
 
 
 def evaluation_trainer(args: argparse.Namespace, model: PreTrainedModel, run_dir: Path) -> Trainer:
-    """A Trainer that only evaluates, for models this tool did not train."""
-    precision = resolve_precision(args.precision)
-    training_args = TrainingArguments(
-        output_dir=str(run_dir / "checkpoints"),
-        per_device_eval_batch_size=args.batch_size,
-        bf16_full_eval=precision == "bf16",
-        fp16_full_eval=precision == "fp16",
-        use_cpu=cpu_only(),
-        report_to="none",
-    )
-    return Trainer(model=model, args=training_args, data_collator=default_data_collator)
+    """A Trainer that only evaluates, for models this tool did not train: at the precision training runs use."""
+    return Trainer(model=model, args=training_arguments(args, run_dir), data_collator=default_data_collator)
+
+
+def load_packed_splits(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -> tuple[dict, dict]:
+    """The text splits, and each packed into blocks (from the cache when it has them)."""
+    splits = load_text_splits(args.dataset, args.dataset_config, args.data_dir)
+    data = prepare_lm_splits(splits, tokenizer, args.block_size, args.data_fraction, args.seed, args.cache_dir)
+    return splits, data
 
 
 def run_record(args: argparse.Namespace, mode: str, run_dir: Path, model: PreTrainedModel) -> dict[str, Any]:
@@ -211,7 +221,7 @@ def evaluate_and_save_results(
     )
     if not trainer.is_world_process_zero():
         return results
-    pairs = prompt_reference_pairs(splits["test"], args.eval_examples) if args.eval_examples else []
+    pairs = prompt_reference_pairs(splits["test"], args.eval_examples)
     if pairs:
         results["metrics"] = evaluate_generation(
             trainer.accelerator.unwrap_model(trainer.model),
@@ -245,14 +255,12 @@ def finetune(
     if args.resume is None:
         args.run_name = shared_run_name(args, mode)
     with state.main_process_first():  # one process prepares the data; the others read its cache
-        run_dir, checkpoint = open_run_dir(args, mode)
+        run_dir, checkpoint, previous = open_run_dir(args, mode)
         args.run_name = run_dir.name
-        splits = load_text_splits(args.dataset, args.dataset_config, args.data_dir)
-        data = prepare_lm_splits(splits, tokenizer, args.block_size, args.data_fraction, args.seed, args.cache_dir)
+        splits, data = load_packed_splits(args, tokenizer)
     trainer = build_trainer(args, model, data, run_dir)
     stop = StopOnSignal()
     trainer.add_callback(stop)
-    previous = read_results(run_dir) if checkpoint else {}
     results = run_record(args, mode, run_dir, model) | {"resumed_from": checkpoint}
 
     with PeakMemoryTracker() as memory, stop:

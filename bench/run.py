@@ -37,7 +37,7 @@ from data import (  # noqa: E402  # noqa: E402
     tokenize_rows,
     tokenizer_fingerprint,
 )
-from generation import generate_continuations, token_budget  # noqa: E402
+from generation import generate_continuations  # noqa: E402
 from lora_finetuning import add_lora_adapters  # noqa: E402
 from modeling import load_tokenizer  # noqa: E402
 from training import PeakMemoryTracker, build_trainer, resolve_precision  # noqa: E402
@@ -90,12 +90,16 @@ def recipe_flags(args: argparse.Namespace, mode: str) -> argparse.Namespace:
     return cli.build_parser().parse_args(argv)
 
 
-def build_model(args: argparse.Namespace, lora: bool) -> torch.nn.Module:
+def model_config(args: argparse.Namespace):
     config = AutoConfig.from_pretrained(args.model)
     if args.quick:
         config.update(QUICK_SHAPE)
+    return config
+
+
+def build_model(args: argparse.Namespace, lora: bool) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_config(model_config(args))
     return add_lora_adapters(model, recipe_flags(args, "lora")) if lora else model
 
 
@@ -163,7 +167,6 @@ def train_measurement(job: dict) -> dict:
     train = training_datasets(load_rows(args.text), load_tokenizer(args.model), args.block_size)[job["pipeline"]]
     lora = job["mode"] == "lora"
     model = build_model(args, lora)
-    config = (model.base_model.model if lora else model).config
     with tempfile.TemporaryDirectory() as tmp:
         flags = recipe_flags(args, job["mode"])
         trainer = build_trainer(flags, model, {"train": train, "validation": train}, Path(tmp))
@@ -183,7 +186,7 @@ def train_measurement(job: dict) -> dict:
         "real_tokens_per_s": tokens / seconds,
         "positions_per_s": positions / seconds,
         "step_s_median": median(s for s, _ in timed),
-        "flop_per_s": positions / seconds * flops_per_token(model, config, args.block_size, lora),
+        "flop_per_s": positions / seconds * flops_per_token(model, model_config(args), args.block_size, lora),
         "peak_cpu_memory_mb": memory.peak_cpu_mb,
         "peak_gpu_memory_mb": memory.peak_gpu_mb,
     }
@@ -210,12 +213,14 @@ def generation_speed(args: argparse.Namespace, rows: list[str], tokenizer) -> di
     model = build_model(args, lora=False).to("cuda" if torch.cuda.is_available() else "cpu")
     pairs = prompt_reference_pairs(Dataset.from_dict({"text": rows}), args.examples)
     prompts = [p for p, _ in pairs]
-    # One shared budget keeps the comparison about batching alone.
-    budgets = [token_budget(" ".join(["w"] * 20), 1.3)] * len(prompts)
+    budgets = [32] * len(prompts)  # one shared budget keeps the comparison about batching alone
+    defaults = recipe_flags(args, "full")  # the tool's beam width and generation batch size
     timings, outputs = {}, {}
-    for name, batch_size in (("batched", 16), ("sequential", 1)):
+    for name, batch_size in (("batched", defaults.eval_batch_size), ("sequential", 1)):
         start = time.perf_counter()
-        outputs[name] = generate_continuations(model, tokenizer, prompts, budgets, num_beams=5, batch_size=batch_size)
+        outputs[name] = generate_continuations(
+            model, tokenizer, prompts, budgets, num_beams=defaults.num_beams, batch_size=batch_size
+        )
         timings[name] = len(prompts) / (time.perf_counter() - start)
     return {"examples_per_s": timings, "identical_hypotheses": outputs["batched"] == outputs["sequential"]}
 
@@ -231,8 +236,14 @@ def data_prep_seconds(rows: list[str], tokenizer, block_size: int) -> dict[str, 
     return timings
 
 
-def ratio(a: float, b: float) -> str:
-    return f"{a / b:.1f}x" if b else "-"
+def comparison_row(
+    label: str, ours: float, baseline: float | None = None, fmt: str = "{:,.0f}", higher_is_better: bool = True
+) -> list[str]:
+    """A table row: our figure, the baseline's, and how many times better ours is."""
+    cells = [label, fmt.format(ours), "" if baseline is None else fmt.format(baseline), ""]
+    if baseline:
+        cells[3] = f"{(ours / baseline if higher_is_better else baseline / ours):.1f}x"
+    return cells
 
 
 def main() -> None:
@@ -243,7 +254,7 @@ def main() -> None:
     precision = resolve_precision(args.precision)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    config = build_model(args, lora=False).config
+    config = model_config(args)
 
     print(f"benchmark: {config.n_layer} layers x {config.n_embd} wide, {precision} on {device}, {threads} threads")
     efficiency = {
@@ -283,43 +294,25 @@ def main() -> None:
         "quick": args.quick,
         "environment": environment_info() | {"processor": platform.processor()},
     }
+    speed, share = results["train_tokens_per_s"], results["train_flops_share_of_peak"]
+    examples_per_s = generation["examples_per_s"]
     table = [
-        [
-            "Batch efficiency (real / trained positions)",
-            f"{efficiency['ours']:.1%}",
-            f"{efficiency['seed_style']:.1%}",
-            ratio(efficiency["ours"], efficiency["seed_style"]),
-        ],
-        *[
-            [
-                f"{m} training, real tokens/s",
-                f"{train[m]['ours']['real_tokens_per_s']:,.0f}",
-                f"{train[m]['seed_style']['real_tokens_per_s']:,.0f}",
-                ratio(train[m]["ours"]["real_tokens_per_s"], train[m]["seed_style"]["real_tokens_per_s"]),
-            ]
-            for m in train
-        ],
-        *[
-            [f"{m} training FLOP/s, share of matmul peak", f"{results['train_flops_share_of_peak'][m]:.1%}", "", ""]
-            for m in train
-        ],
-        [
+        comparison_row(
+            "Batch efficiency (real / trained positions)", efficiency["ours"], efficiency["seed_style"], fmt="{:.1%}"
+        ),
+        *[comparison_row(f"{m} training, real tokens/s", speed[m]["ours"], speed[m]["seed_style"]) for m in train],
+        *[comparison_row(f"{m} training FLOP/s, share of matmul peak", share[m], fmt="{:.1%}") for m in train],
+        comparison_row(
             "Generation examples/s (batched vs one at a time)",
-            f"{generation['examples_per_s']['batched']:.2f}",
-            f"{generation['examples_per_s']['sequential']:.2f}",
-            ratio(generation["examples_per_s"]["batched"], generation["examples_per_s"]["sequential"]),
-        ],
+            examples_per_s["batched"],
+            examples_per_s["sequential"],
+            fmt="{:.2f}",
+        ),
         ["Identical hypotheses", str(generation["identical_hypotheses"]), "", ""],
-        *[
-            [f"{m} training peak CPU memory (MB)", f"{train[m]['ours']['peak_cpu_memory_mb']:,.0f}", "", ""]
-            for m in train
-        ],
-        [
-            "Data preparation s (warm vs cold cache)",
-            f"{prep['warm']:.3f}",
-            f"{prep['cold']:.3f}",
-            ratio(prep["cold"], prep["warm"]),
-        ],
+        *[comparison_row(f"{m} training peak CPU memory (MB)", train[m]["ours"]["peak_cpu_memory_mb"]) for m in train],
+        comparison_row(
+            "Data preparation s (warm vs cold cache)", prep["warm"], prep["cold"], fmt="{:.3f}", higher_is_better=False
+        ),
     ]
     markdown = tabulate(table, headers=["", "this pipeline", "seed-style / baseline", "ratio"], tablefmt="github")
     header = (
