@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from peft import PeftModel
@@ -20,9 +21,9 @@ from utils import ToolError, one_line
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    mode = "adapter" if args.adapter else "base"
+    mode = "adapter" if args.adapter else "saved" if is_saved_run_model(args.model) else "base"
     tokenizer = load_tokenizer(args.model)
-    model = load_causal_lm(args.model)
+    model = load_causal_lm(args.model, from_scratch=args.from_scratch)
     if args.adapter:
         try:
             model = PeftModel.from_pretrained(model, args.adapter)
@@ -33,3 +34,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     splits, data = load_packed_splits(args, tokenizer)
     results = run_record(args, mode, run_dir, model)
     return evaluate_and_save_results(args, results, evaluation_trainer(args, model, run_dir), tokenizer, splits, data)
+
+
+def is_saved_run_model(model: str) -> bool:
+    """Whether `model` is the model/ directory a run of this tool saved (its results.json beside it)."""
+    return Path(model).is_dir() and (Path(model).parent / "results.json").is_file()

@@ -19,6 +19,8 @@ def add_lora_adapters(model: PreTrainedModel, args: argparse.Namespace) -> PeftM
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
         target_modules=args.lora_target_modules,
+        use_dora=args.use_dora,
+        use_rslora=args.use_rslora,
         fan_in_fan_out=model.config.model_type == "gpt2",  # GPT-2 stores its projections as Conv1D (in, out)
     )
     return get_peft_model(model, config)

@@ -4,6 +4,7 @@ python main.py full --epochs 2
 python main.py lora --lora_rank 8
 python main.py evaluate --model gpt2
 python main.py compare
+python main.py study --arms base,full,lora --lora_ranks 4,8
 """
 
 from __future__ import annotations
@@ -57,11 +58,47 @@ def dropout(text: str) -> float:
     return value
 
 
-def module_names(text: str) -> list[str]:
+def module_names(text: str) -> list[str] | str:
+    if text.strip().lower() == "all-linear":
+        return "all-linear"  # PEFT's shorthand: every Linear/Conv1D layer but the output layer
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
-        raise argparse.ArgumentTypeError("name at least one module, e.g. c_attn,c_proj")
+        raise argparse.ArgumentTypeError("name at least one module, e.g. c_attn,c_proj, or all-linear")
     return names
+
+
+def positive_ints(text: str) -> list[int]:
+    return [positive_int(n) for n in text.split(",")]
+
+
+ARMS = ("base", "full", "lora", "dora", "rslora")
+
+
+def arm_names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ARMS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"arms are {','.join(ARMS)}; got {text}")
+    return list(dict.fromkeys(names))
+
+
+def tracker(name: str) -> str:
+    """A --report_to choice whose package is installed (checked before any training starts)."""
+    if name == "none":
+        return name
+    from transformers import integrations
+
+    available = getattr(integrations, f"is_{name}_available", None)
+    if available is None:
+        raise argparse.ArgumentTypeError(f"invalid choice: {name} (choose from {', '.join(TRACKERS)})")
+    if not available():
+        raise argparse.ArgumentTypeError(f"{name} is not installed; pip install {name}, or use --report_to none")
+    return name
+
+
+TRACKERS = ("none", "tensorboard", "wandb", "mlflow", "trackio")
+# Each method's own learning rate and weight decay, used unless a flag sets them.
+METHOD_DEFAULTS = {"full": (1e-5, 0.01), "lora": (1e-4, 0.0)}
 
 
 def data_flags() -> argparse.ArgumentParser:
@@ -70,6 +107,7 @@ def data_flags() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="gpt2", help="Hub id or local directory (default: gpt2)")
+    g.add_argument("--from_scratch", action="store_true", help="random init from the model's config (no weights)")
     g.add_argument("--dataset", default="wikitext", help="Hub dataset (default: wikitext)")
     g.add_argument("--dataset_config", default="wikitext-2-raw-v1", help="(default: wikitext-2-raw-v1)")
     g.add_argument("--data_dir", help="local train/validation/test .txt (a row per line) or .parquet (a text column)")
@@ -104,18 +142,21 @@ def data_flags() -> argparse.ArgumentParser:
     return p
 
 
-def training_flags(learning_rate: float, weight_decay: float) -> argparse.ArgumentParser:
+def training_flags(learning_rate: float | None, weight_decay: float | None) -> argparse.ArgumentParser:
+    """The training flags; None defaults mean each method's own (`study`)."""
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("training")
-    g.add_argument("--from_scratch", action="store_true", help="random init from the model's config (no weights)")
     g.add_argument("--epochs", type=positive_float, default=2, help="(default: 2)")
     g.add_argument("--max_steps", type=positive_int, help="stop after this many optimizer steps")
-    g.add_argument("--learning_rate", type=positive_float, default=learning_rate, help=f"(default: {learning_rate})")
-    g.add_argument("--weight_decay", type=non_negative_float, default=weight_decay, help=f"(default: {weight_decay})")
+    g.add_argument("--learning_rate", type=positive_float, default=learning_rate, help=default_help(learning_rate, 0))
+    g.add_argument("--weight_decay", type=non_negative_float, default=weight_decay, help=default_help(weight_decay, 1))
     g.add_argument("--gradient_accumulation_steps", type=positive_int, default=1, help="(default: 1)")
     g.add_argument("--eval_steps", type=positive_int, help="validate every N steps (default: once per epoch)")
     g.add_argument("--logging_steps", type=positive_int, default=10, help="steps per logged loss (default: 10)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument(
+        "--report_to", type=tracker, default="none", help=f"experiment tracker: {'|'.join(TRACKERS)} (default: none)"
+    )
     g = p.add_argument_group("checkpoints and scale-out")
     g.add_argument(
         "--save_steps", type=positive_int, help="checkpoint every N steps (default: every epoch and the end)"
@@ -135,45 +176,79 @@ def training_flags(learning_rate: float, weight_decay: float) -> argparse.Argume
     return p
 
 
-def lora_flags() -> argparse.ArgumentParser:
+def default_help(value: float | None, which: int) -> str:
+    if value is not None:
+        return f"(default: {value})"
+    return "(default: " + ", ".join(f"{method} {d[which]}" for method, d in METHOD_DEFAULTS.items()) + ")"
+
+
+def lora_flags(per_arm: bool = False) -> argparse.ArgumentParser:
+    """The LoRA flags; with `per_arm` (study) without rank and variant, which each arm sets."""
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("LoRA")
-    g.add_argument("--lora_rank", type=positive_int, default=4, help="(default: 4)")
+    if not per_arm:
+        g.add_argument("--lora_rank", type=positive_int, default=4, help="(default: 4)")
+        g.add_argument("--use_dora", action="store_true", help="DoRA: weight-decomposed LoRA (PEFT's use_dora)")
+        g.add_argument("--use_rslora", action="store_true", help="rank-stabilised scaling alpha/sqrt(r) (PEFT)")
     g.add_argument("--lora_alpha", type=positive_float, default=32, help="(default: 32)")
     g.add_argument("--lora_dropout", type=dropout, default=0.05, help="(default: 0.05)")
     g.add_argument(
         "--lora_target_modules",
         type=module_names,
         default=["c_attn", "c_proj"],
-        help="comma-separated module names (default: c_attn,c_proj)",
+        help="comma-separated module names, or all-linear (default: c_attn,c_proj)",
     )
     return p
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{full,lora,evaluate,compare,score}")
-    commands.add_parser("full", help="fine-tune every weight", parents=[data_flags(), training_flags(1e-5, 0.01)])
-    commands.add_parser(
-        "lora", help="fine-tune LoRA adapters", parents=[data_flags(), training_flags(1e-4, 0.0), lora_flags()]
-    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{full,lora,evaluate,compare,study,score}")
+    full, lora = (training_flags(*METHOD_DEFAULTS[m]) for m in ("full", "lora"))
+    commands.add_parser("full", help="fine-tune every weight", parents=[data_flags(), full])
+    commands.add_parser("lora", help="fine-tune LoRA adapters", parents=[data_flags(), lora, lora_flags()])
     evaluate = commands.add_parser("evaluate", help="score a model without training it", parents=[data_flags()])
     evaluate.add_argument("--adapter", help="a LoRA adapter directory to put on --model")
-    compare = commands.add_parser("compare", help="print the runs side by side")
+    compare = commands.add_parser("compare", help="print comparable runs side by side and write the report")
     compare.add_argument("--output_dir", default="results", help="(default: results)")
-    compare.add_argument("--all", action="store_true", help="every finished run, not only the latest of each mode")
+    compare.add_argument(
+        "--all", action="store_true", help="every comparable set, one table each (default: the latest)"
+    )
+    study = commands.add_parser(
+        "study",
+        help="run base, full and LoRA arms with one set of settings, then write the report",
+        parents=[data_flags(), training_flags(None, None), lora_flags(per_arm=True)],
+    )
+    g = study.add_argument_group("study")
+    g.add_argument("--arms", type=arm_names, default=["base", "full", "lora"], help="(default: base,full,lora)")
+    g.add_argument("--lora_ranks", type=positive_ints, default=[4], help="ranks of the LoRA-type arms (default: 4)")
+    g.add_argument("--study_name", help="directory under --output_dir (default: study-<timestamp>)")
     score = commands.add_parser("score", help="score a CSV with reference and hypothesis columns")
     score.add_argument("csv", help="e.g. results/<run>/generations.csv")
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    if args.command == "study":
+        per_arm = [f"--{k}" for k in ("run_name", "resume") if getattr(args, k) is not None]
+        if per_arm:
+            parser.error(f"study sets {' and '.join(per_arm)} for each arm itself; rerun the same command to continue")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parse_args(parser, argv)
     try:
         if args.command == "compare":
             from report import compare
 
             print(compare(args.output_dir, args.all))
+        elif args.command == "study":
+            import study
+
+            study.run(args, parser)
         elif args.command == "score":
             from scoring import score_csv
 

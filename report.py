@@ -1,4 +1,4 @@
-"""What a person reads: the loss-curve plot, a run's summary and the side-by-side comparison table."""
+"""What a person reads: a run's summary, and `compare`'s comparable sets of runs side by side with the report."""
 
 from __future__ import annotations
 
@@ -11,13 +11,17 @@ from typing import Any, TextIO
 
 from tabulate import tabulate
 
-from utils import atomic_write_bytes, atomic_write_text
+from utils import atomic_write_json, atomic_write_text
+
+Run = dict[str, Any]
 
 # (row label, results.json key): the single list of figures the summary and `compare` show.
 TABLE_ROWS = (
     ("Model size (MB)", "model_size_mb"),
     ("Trainable parameters", "trainable_params"),
     ("Training time (s)", "train_time_s"),
+    ("Evaluation time (s)", "eval_time_s"),
+    ("Checkpoint time (s)", "checkpoint_time_s"),
     ("Peak GPU memory (MB)", "peak_gpu_memory_mb"),
     ("Peak CPU memory (MB)", "peak_cpu_memory_mb"),
     ("Best training loss", "best_train_loss"),
@@ -53,27 +57,6 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def plot_loss_curves(log_history: list[dict], path: Path, title: str) -> None:
-    """Training and validation loss against optimizer steps, as a PNG (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key, label, style in (("loss", "training", "-"), ("eval_loss", "validation", "o-")):
-        points = [(e["step"], e[key]) for e in log_history if key in e]
-        if points:
-            ax.plot(*zip(*points, strict=True), style, label=label)
-    ax.set(xlabel="optimizer step", ylabel="cross-entropy loss (nats/token)", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
 def print_run_summary(results: dict[str, Any], file: TextIO = sys.stdout) -> None:
     rows = [(label, format_value(lookup(results, key))) for label, key in TABLE_ROWS]
     print(f"\n{results['mode']} run: {results['run_dir']}", file=file)
@@ -99,31 +82,213 @@ def read_runs(output_dir: Path) -> list[dict[str, Any]]:
     return runs
 
 
-def latest_per_mode(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    latest: dict[str, dict[str, Any]] = {}
-    for run in sorted(runs, key=lambda r: str(r.get("finished_at", ""))):
-        latest[run["mode"]] = run
-    order = {"base": 0, "full": 1, "lora": 2}
-    return sorted(latest.values(), key=lambda r: order.get(r["mode"], 3))
+# Runs share a table only when these settings of results.json's `config` match, and precision and length.
+COMPARABLE = (
+    "model",
+    "from_scratch",
+    "dataset",
+    "dataset_config",
+    "data_dir",
+    "data_fraction",
+    "block_size",
+    "seed",
+    "eval_examples",
+    "num_beams",
+    "tokens_per_word",
+)
+NOT_SETTINGS = ("command", "run_name", "output_dir", "resume", "cache_dir")  # where a run is, not what it is
+COLUMN_ORDER = ("base", "full", "lora", "rslora", "dora")
+FIGURES = (("Loss curves", "loss_curves"), ("Cost", "cost"), ("Quality", "quality"), ("Trade-off", "tradeoff"))
 
 
-def comparison_table(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    headers = ["Metric"] + [f"{r['mode']} ({Path(r['run_dir']).name})" for r in runs]
-    rows = [[label] + [format_value(lookup(r, key)) for r in runs] for label, key in TABLE_ROWS]
+def method_name(mode: str, config: dict[str, Any]) -> str:
+    """full, base, ..., or for LoRA runs its variant: lora, dora, rslora (dora+rslora with both flags)."""
+    if mode != "lora":
+        return mode
+    return "+".join(v for v in ("dora", "rslora") if config.get(f"use_{v}")) or "lora"
+
+
+def method(run: Run) -> str:
+    return run.get("method") or method_name(run["mode"], run.get("config", {}))
+
+
+def label(run: Run) -> str:
+    return f"{method(run)} ({Path(run['run_dir']).name})"
+
+
+def settings(run: Run) -> dict[str, Any]:
+    """What the run is: every flag but where it was written, its method and the precision it ran at."""
+    config = {k: v for k, v in run.get("config", {}).items() if k not in NOT_SETTINGS}
+    return config | {"method": method(run), "precision": run.get("precision")}
+
+
+def length(run: Run) -> tuple | None:
+    """How long a run trained (None for an untrained model; a model evaluated again stands on its own)."""
+    config = run.get("config", {})
+    if run["mode"] == "base":
+        return None
+    if "epochs" not in config:
+        return ("evaluated", config.get("adapter") or config.get("model"))
+    return ("max_steps", config["max_steps"]) if config.get("max_steps") else ("epochs", config["epochs"])
+
+
+def comparable_sets(runs: list[Run]) -> list[list[Run]]:
+    """Finished runs in sets that may share a table, oldest set first; each set's base column is the untrained
+    model with the same settings, and of runs with identical settings only the latest is kept."""
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        key = json.dumps([run.get("config", {}).get(k) for k in COMPARABLE] + [run.get("precision")], default=str)
+        groups.setdefault((key, json.dumps(length(run))), []).append(run)
+    bases = {key: members for (key, run_length), members in groups.items() if run_length == "null"}
+    trained = [(key, members) for (key, run_length), members in groups.items() if run_length != "null"]
+    sets = [bases.get(key, []) + members for key, members in trained]
+    sets += [members for key, members in bases.items() if key not in {k for k, _ in trained}]
+    return sorted((columns(s) for s in sets), key=lambda s: max(finished_at(r) for r in s))
+
+
+def finished_at(run: Run) -> str:
+    return str(run.get("finished_at", ""))
+
+
+def columns(runs: list[Run]) -> list[Run]:
+    latest = {json.dumps(settings(r), sort_keys=True, default=str): r for r in sorted(runs, key=finished_at)}
+    order = {m: i for i, m in enumerate(COLUMN_ORDER)}
+    return sorted(
+        latest.values(),
+        key=lambda r: (order.get(method(r), len(order)), r["config"].get("lora_rank", 0), Path(r["run_dir"]).name),
+    )
+
+
+def differences(runs: list[Run]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The settings every run that has them shares, and per differing setting each run's value."""
+    shared: dict[str, Any] = {}
+    differ: dict[str, dict[str, Any]] = {}
+    for key in sorted({k for r in runs for k in settings(r)}):
+        values = {label(r): settings(r)[key] for r in runs if key in settings(r)}
+        if len({json.dumps(v, default=str) for v in values.values()}) > 1:
+            differ[key] = values
+        else:
+            shared[key] = next(iter(values.values()))
+    return shared, differ
+
+
+def setting_text(value: Any) -> str:
+    """A flag's value as a person would type it."""
+    if value is None:
+        return "-"
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def comparison_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
+    headers = ["Metric"] + [label(r) for r in runs]
+    rows = [[name] + [format_value(lookup(r, key)) for r in runs] for name, key in TABLE_ROWS]
     return headers, rows
 
 
-def compare(output_dir: Path, include_all: bool) -> str:
-    """Print the runs side by side, and write the table as comparison.md and comparison.csv."""
-    runs = [r for r in read_runs(output_dir) if r.get("status") == "finished"]
-    if not include_all:
-        runs = latest_per_mode(runs)
-    if not runs:
-        return f"no finished runs under {output_dir}"
+def set_text(runs: list[Run]) -> str:
+    """The table in Markdown, and below it what differs between its columns."""
     headers, rows = comparison_table(runs)
-    markdown = tabulate(rows, headers=headers, tablefmt="github")
-    atomic_write_text(Path(output_dir) / "comparison.md", markdown + "\n")
+    _, differ = differences(runs)
+    lines = [tabulate(rows, headers=headers, tablefmt="github"), "", "Differs between columns:"]
+    lines += [
+        f"- {key}: " + "; ".join(f"{who} {setting_text(v)}" for who, v in values.items())
+        for key, values in differ.items()
+    ]
+    return "\n".join(lines if differ else lines[:-2])
+
+
+def compare(output_dir: Path, include_all: bool = False, run_names: set[str] | None = None) -> str:
+    """Print the latest comparable set of finished runs (every set with `include_all`; the sets holding
+    `run_names` when given), and write comparison.md/.csv/.json and report.md with its figures."""
+    output_dir = Path(output_dir)
+    sets = comparable_sets([r for r in read_runs(output_dir) if r.get("status") == "finished"])
+    if run_names:
+        sets = [s for s in sets if any(Path(r["run_dir"]).name in run_names for r in s)]
+    elif not include_all:
+        sets = sets[-1:]
+    if not sets:
+        return f"no finished runs under {output_dir}"
+    texts = [set_text(s) for s in sets]
+    if len(sets) > 1:
+        texts = [f"Set {i} of {len(sets)}\n\n{text}" for i, text in enumerate(texts, 1)]
+    text = "\n\n".join(texts)
+    atomic_write_text(output_dir / "comparison.md", text + "\n")
     buffer = io.StringIO()
-    csv.writer(buffer).writerows([headers, *rows])
-    atomic_write_text(Path(output_dir) / "comparison.csv", buffer.getvalue())
-    return markdown
+    for i, runs in enumerate(sets):
+        headers, rows = comparison_table(runs)
+        csv.writer(buffer).writerows([[]] * (i > 0) + [headers, *rows])
+    atomic_write_text(output_dir / "comparison.csv", buffer.getvalue())
+    atomic_write_json(output_dir / "comparison.json", {"sets": [comparison_record(s) for s in sets]})
+    write_report(output_dir, sets)
+    return text
+
+
+def comparison_record(runs: list[Run]) -> dict[str, Any]:
+    shared, differ = differences(runs)
+    figures = [{k: v for k, v in r.items() if k != "log_history"} | {"label": label(r)} for r in runs]
+    return {"runs": figures, "shared_settings": shared, "differing_settings": differ}
+
+
+def write_report(output_dir: Path, sets: list[list[Run]]) -> None:
+    """report.md with its PNG figures beside it: for each set the table, loss, cost, quality and trade-off
+    figures, three example continuations, and the settings the runs share and those that differ."""
+    import figures
+
+    title = f"# Report: {output_dir.name}"
+    sections = [
+        title,
+        "",
+        "Written by `python main.py compare` (or `study`); every figure's definition is in the README.",
+    ]
+    for i, runs in enumerate(sets, 1):
+        prefix = f"set{i}-" if len(sets) > 1 else ""
+        labels = [label(r) for r in runs]
+        names = [Path(r["run_dir"]).name for r in runs]  # short and unique in a set: the figures' labels
+        memory_key = "peak_gpu_memory_mb" if any(r.get("peak_gpu_memory_mb") for r in runs) else "peak_cpu_memory_mb"
+        figures.plot_study_loss(runs, names, output_dir / f"{prefix}loss_curves.png")
+        figures.plot_cost(runs, names, memory_key, output_dir / f"{prefix}cost.png")
+        figures.plot_quality(runs, names, output_dir / f"{prefix}quality.png")
+        figures.plot_tradeoff(runs, names, memory_key, output_dir / f"{prefix}tradeoff.png")
+        headers, rows = comparison_table(runs)
+        shared, differ = differences(runs)
+        environment = runs[0].get("environment", {})
+        h = "###" if len(sets) > 1 else "##"
+        if len(sets) > 1:
+            sections += ["", f"## Set {i} of {len(sets)}"]
+        sections += ["", f"{h} Comparison", "", tabulate(rows, headers=headers, tablefmt="github")]
+        sections += [
+            "",
+            f"Measured on {environment.get('gpu') or environment.get('device', '?')} with torch "
+            f"{environment.get('torch', '?')}, {environment.get('cpu_threads', '?')} CPU threads.",
+        ]
+        for name, stem in FIGURES:
+            sections += ["", f"{h} {name}", "", f"![{name}]({prefix}{stem}.png)"]
+        sections += ["", f"{h} Example continuations", "", example_continuations(runs, labels)]
+        sections += ["", f"{h} Settings", "", "Shared by every run that has the setting (unset ones left out):", ""]
+        rows = [(k, setting_text(v)) for k, v in shared.items() if v is not None]
+        sections += [tabulate(rows, ["setting", "value"], "github")]
+        if differ:
+            rows = [[k] + [setting_text(values.get(who)) for who in labels] for k, values in differ.items()]
+            sections += ["", "Different between the columns:", "", tabulate(rows, ["setting", *labels], "github")]
+    atomic_write_text(output_dir / "report.md", "\n".join(sections) + "\n")
+
+
+def example_continuations(runs: list[Run], labels: list[str], count: int = 3) -> str:
+    """The first `count` prompts of the runs' generations.csv, with the reference and each run's continuation."""
+    continuations: dict[str, dict[str, str]] = {}
+    examples: list[dict[str, str]] = []
+    for run, who in zip(runs, labels, strict=True):
+        path = Path(run["run_dir"]) / "generations.csv"
+        if path.is_file():
+            with path.open(newline="") as f:
+                rows = list(csv.DictReader(f))
+            continuations[who] = {row["prompt"]: row["hypothesis"] for row in rows}
+            examples = examples or rows[:count]
+    if not examples:
+        return "No run here scored generations (`--eval_examples 0`)."
+    rows = [
+        [e["prompt"], e["reference"]] + [texts.get(e["prompt"], "-") for texts in continuations.values()]
+        for e in examples
+    ]
+    cells = [[" ".join(text.split()).replace("|", "\\|") for text in row] for row in rows]
+    return tabulate(cells, ["prompt", "reference", *continuations], "github")

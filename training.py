@@ -17,10 +17,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, Trai
 from transformers.trainer_utils import get_last_checkpoint
 
 from data import PackedBlocks, load_text_splits, prepare_lm_splits, prompt_reference_pairs
+from figures import plot_loss_curves
 from generation import evaluate_generation
 from measurement import PeakMemoryTracker, best, max_over_processes, perplexity
 from modeling import count_parameters
-from report import plot_loss_curves, print_run_summary, read_runs
+from report import method_name, print_run_summary, read_runs
 from run_control import CheckedTrainer, RunInterrupted, StopOnSignal
 from utils import MIB, ToolError, atomic_write_json, environment_info, timestamp
 
@@ -117,7 +118,8 @@ def training_arguments(args: argparse.Namespace, run_dir: Path, **training: Any)
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=cpu_only(),
-        report_to="none",
+        report_to=getattr(args, "report_to", "none"),  # evaluate has no tracker flag
+        run_name=args.run_name,
         **training,
     )
 
@@ -183,6 +185,7 @@ def run_record(args: argparse.Namespace, mode: str, run_dir: Path, model: PreTra
     return {
         "status": "running",
         "mode": mode,
+        "method": method_name(mode, vars(args)),
         "model": args.model,
         "run_dir": str(run_dir),
         "started_at": timestamp(),

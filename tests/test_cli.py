@@ -26,6 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
         ["lora", "--lora_dropout", "1"],
         ["evaluate", "--num_beams", "0"],
         ["qlora"],
+        ["study", "--arms", "base,qlora"],
+        ["study", "--lora_ranks", "4,0"],
+        ["study", "--run_name", "x"],
+        ["lora", "--report_to", "neptune"],
         [],
     ],
 )
@@ -101,6 +105,7 @@ def test_compare_prints_both_runs_and_writes_markdown_and_csv(trained_runs, caps
     lora = json.loads((trained_runs["lora"] / "results.json").read_text())
     assert f"{lora['trainable_params']:,}" in printed
     assert (out / "comparison.md").read_text().strip() == printed.strip()
+    assert "- learning_rate: full (full-run) 0.003; lora (lora-run) 0.03" in printed
     assert (out / "comparison.csv").read_text().startswith("Metric,full (full-run),lora (lora-run)")
 
 

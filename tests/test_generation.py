@@ -62,7 +62,9 @@ def test_training_runs_score_their_generations(trained_runs):
         assert len(rows) == 6 and set(rows[0]) == {"prompt", "reference", "hypothesis"}
 
 
-def test_evaluate_scores_a_base_model_and_compare_shows_it_as_baseline(trained_runs, common_flags, tmp_path, capsys):
+def test_evaluate_scores_a_base_model_and_compare_shows_it_apart_from_other_settings(
+    trained_runs, common_flags, tmp_path, capsys
+):
     out = tmp_path / "results"
     assert cli.main(["evaluate", *common_flags, "--output_dir", str(out), "--run_name", "gpt2-base"]) == 0
     results = json.loads((out / "gpt2-base" / "results.json").read_text())
@@ -77,6 +79,9 @@ def test_evaluate_scores_a_base_model_and_compare_shows_it_as_baseline(trained_r
     lora = json.loads((trained_runs["lora"] / "results.json").read_text())
     assert with_adapter["test_loss"] == lora["test_loss"] != results["test_loss"]
 
-    capsys.readouterr()
+    capsys.readouterr()  # the two score different numbers of examples: not comparable, two tables
     assert cli.main(["compare", "--output_dir", str(out)]) == 0
-    assert "base (gpt2-base)" in capsys.readouterr().out
+    latest = capsys.readouterr().out
+    assert "adapter (with-adapter)" in latest and "gpt2-base" not in latest
+    assert cli.main(["compare", "--output_dir", str(out), "--all"]) == 0
+    assert "base (gpt2-base)" in capsys.readouterr().out.split("Set 2 of 2")[0]

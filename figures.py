@@ -1,0 +1,165 @@
+"""The PNG figures: one run's loss curve, and the report's loss, cost, quality and trade-off views of several runs."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from utils import atomic_write_bytes  # noqa: E402
+
+Run = dict[str, Any]
+LOG_SCALE_RATIO = 20  # bars or axes whose values span more than this get a log scale
+# (label, results.json key, factor to a 0-100 scale) of the generation scores drawn side by side.
+SCORES = (
+    ("BLEU x100", "bleu", 100),
+    ("ROUGE-1 x100", "rouge1", 100),
+    ("ROUGE-2 x100", "rouge2", 100),
+    ("ROUGE-L x100", "rougeL", 100),
+    ("METEOR x100", "meteor", 100),
+    ("chrF", "chrf", 1),
+    ("TER (lower is better)", "ter", 1),
+)
+
+
+def save_png(fig: plt.Figure, path: Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_loss_curves(log_history: list[dict], path: Path, title: str) -> None:
+    """One run's training and validation loss against optimizer steps."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, label, style in (("loss", "training", "-"), ("eval_loss", "validation", "o-")):
+        points = [(e["step"], e[key]) for e in log_history if key in e]
+        if points:
+            ax.plot(*zip(*points, strict=True), style, label=label)
+    ax.set(xlabel="optimizer step", ylabel="cross-entropy loss (nats/token)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save_png(fig, path)
+
+
+def spans_orders(values: list[float]) -> bool:
+    positive = [v for v in values if v and v > 0]
+    return len(positive) > 1 and max(positive) / min(positive) > LOG_SCALE_RATIO
+
+
+def colors(labels: list[str]) -> dict[str, Any]:
+    palette = plt.get_cmap("tab10").colors
+    return {label: palette[i % len(palette)] for i, label in enumerate(labels)}
+
+
+def plot_study_loss(runs: list[Run], labels: list[str], path: Path) -> None:
+    """Training (lines) and validation (dashed, dots) loss of every trained run against training tokens;
+    an untrained run's validation loss as a dotted horizontal line."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    color = colors(labels)
+    for run, label in zip(runs, labels, strict=True):
+        history = run.get("log_history") or []
+        if not any("loss" in e for e in history):
+            if run.get("val_loss") is not None:
+                ax.axhline(run["val_loss"], color=color[label], linestyle=":", label=f"{label} validation (untrained)")
+            continue
+        for key, style, kind in (("loss", "-", "training"), ("eval_loss", "o--", "validation")):
+            points = [
+                (e["num_input_tokens_seen"], e[key]) for e in history if key in e and "num_input_tokens_seen" in e
+            ]
+            if points:
+                ax.plot(*zip(*points, strict=True), style, color=color[label], label=f"{label} {kind}")
+    ax.set(xlabel="training tokens", ylabel="cross-entropy loss (nats/token)", title="Loss against training tokens")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    save_png(fig, path)
+
+
+def bars(ax: plt.Axes, labels: list[str], values: list[float | None], title: str, fmt: Callable[[float], str]) -> None:
+    """One bar per run (a gap, marked n/a, where the run has no value), log-scaled when values span orders."""
+    color = colors(labels)
+    for i, (label, value) in enumerate(zip(labels, values, strict=True)):
+        if value is None or value <= 0:
+            ax.text(i, 0.02, "n/a", transform=ax.get_xaxis_transform(), ha="center", fontsize=8, color="grey")
+            continue
+        ax.bar(i, value, color=color[label])
+        ax.text(i, value, fmt(value), ha="center", va="bottom", fontsize=8)
+    if spans_orders(values):
+        ax.set_yscale("log")
+        title += " (log scale)"
+    ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
+    ax.set_title(title, fontsize=10)
+    ax.margins(y=0.15)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def plot_cost(runs: list[Run], labels: list[str], memory_key: str, path: Path) -> None:
+    panels = (
+        ("Training time (s)", "train_time_s", "{:,.1f}"),
+        ("Peak GPU memory (MB)" if "gpu" in memory_key else "Peak CPU memory (MB)", memory_key, "{:,.0f}"),
+        ("Trainable parameters", "trainable_params", "{:,.0f}"),
+        ("Saved weights (MB)", "model_size_mb", "{:,.2f}"),
+    )
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for ax, (title, key, fmt) in zip(axes.flat, panels, strict=True):
+        bars(ax, labels, [run.get(key) for run in runs], title, fmt.format)
+    fig.suptitle("Cost per arm")
+    fig.tight_layout()
+    save_png(fig, path)
+
+
+def plot_quality(runs: list[Run], labels: list[str], path: Path) -> None:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1, 2]})
+    bars(
+        left,
+        labels,
+        [run.get("test_perplexity") for run in runs],
+        "Test perplexity (lower is better)",
+        "{:,.1f}".format,
+    )
+    color = colors(labels)
+    width = 0.8 / len(runs)
+    for i, (run, label) in enumerate(zip(runs, labels, strict=True)):
+        metrics = run.get("metrics") or {}
+        values = [(metrics.get(key) or 0) * factor for _, key, factor in SCORES]
+        right.bar([j + i * width for j in range(len(SCORES))], values, width, color=color[label], label=label)
+    right.set_xticks([j + 0.4 - width / 2 for j in range(len(SCORES))], [s[0] for s in SCORES], fontsize=8)
+    right.set_title("Generation scores (0-100)", fontsize=10)
+    right.grid(axis="y", alpha=0.3)
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    save_png(fig, path)
+
+
+def plot_tradeoff(runs: list[Run], labels: list[str], memory_key: str, path: Path) -> None:
+    """Test perplexity against peak memory and against training time, one labelled point per trained run."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    color = colors(labels)
+    memory_label = "peak GPU memory (MB)" if "gpu" in memory_key else "peak CPU memory (MB)"
+    for ax, key, xlabel in ((axes[0], memory_key, memory_label), (axes[1], "train_time_s", "training time (s)")):
+        points = [(run.get(key), run.get("test_perplexity"), label) for run, label in zip(runs, labels, strict=True)]
+        for x, y, label in points:
+            if y is None:
+                continue
+            if x is None:  # untrained: no cost, its perplexity as a reference line
+                ax.axhline(y, color=color[label], linestyle=":", label=f"{label} (untrained)")
+                continue
+            ax.scatter(x, y, color=color[label], s=60, zorder=3)
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=9)
+        if spans_orders([p[1] for p in points]):
+            ax.set_yscale("log")
+        if spans_orders([p[0] for p in points]):
+            ax.set_xscale("log")
+        ax.set(xlabel=xlabel, ylabel="test perplexity (lower is better)")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle("Quality against cost (lower left is better)")
+    fig.tight_layout()
+    save_png(fig, path)

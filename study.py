@@ -1,0 +1,117 @@
+"""`study`: every arm of the comparison with one set of shared settings, each an ordinary run, then the report.
+
+Each arm runs in a fresh process (`python main.py <mode> ...`), so its peak memory and time are its own, as a
+standalone run measures them. Running the same command again continues the study: finished arms are skipped,
+an unfinished one is resumed, a missing one is run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from report import compare
+from run_control import RunInterrupted
+from utils import ToolError, timestamp
+
+MAIN = Path(__file__).resolve().with_name("main.py")
+LORA_VARIANT_FLAGS = {"lora": [], "dora": ["--use_dora"], "rslora": ["--use_rslora"]}
+NOT_PASSED = ("command", "run_name", "resume", "output_dir")  # the study sets these for each arm
+
+
+def arms(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
+    """(run name, command, the arm's own flags) of every arm, in the order they run."""
+    planned = []
+    for arm in args.arms:
+        if arm == "base":
+            planned.append(("base", "evaluate", []))
+        elif arm == "full":
+            planned.append(("full", "full", []))
+        else:
+            planned += [
+                (f"{arm}-r{r}", "lora", ["--lora_rank", str(r), *LORA_VARIANT_FLAGS[arm]]) for r in args.lora_ranks
+            ]
+    return planned
+
+
+def shared_flags(args: argparse.Namespace, defaults: dict) -> list[str]:
+    """The study's settings that the arm's command takes, as flags; a setting left at the command's default
+    (or unset, like the per-method learning rate) is not passed, so the command's own default applies."""
+    flags = []
+    for key, default in defaults.items():
+        value = getattr(args, key, None)
+        if key in NOT_PASSED or value is None or value == default or value is False:
+            continue
+        flags.append(f"--{key}")
+        if value is not True:
+            flags.append(",".join(map(str, value)) if isinstance(value, list) else str(value))
+    return flags
+
+
+def recorded(run_dir: Path) -> dict:
+    """The arm's results.json; empty when it has none that can be read."""
+    try:
+        results = json.loads((run_dir / "results.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return results if isinstance(results, dict) else {}
+
+
+def changed_settings(config: dict, expected: argparse.Namespace) -> list[str]:
+    """The flags whose recorded value differs from what this study command would run the arm with."""
+    return [
+        f"--{key} {config.get(key)} -> {value}"
+        for key, value in vars(expected).items()
+        if key in config and key not in (*NOT_PASSED, "cache_dir") and json.dumps(config[key]) != json.dumps(value)
+    ]
+
+
+def run_arm(argv: list[str]) -> int:
+    """Run one arm to its end; a Ctrl-C or SIGTERM to the study goes to the arm, which stops cleanly."""
+    # Its own session: a terminal's Ctrl-C reaches the arm once (forwarded here), not twice.
+    child = subprocess.Popen(argv, start_new_session=True)
+    previous = {
+        s: signal.signal(s, lambda signum, _: child.send_signal(signum)) for s in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        return child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Run the arms that are not finished, then print the table and write the report in the study's directory."""
+    name = args.study_name or f"study-{timestamp()}"
+    study_dir = Path(args.output_dir) / name
+    again = f"rerun the same command with --study_name {name} to continue"
+    planned = arms(args)
+    print(f"study {name}: arms {', '.join(a for a, _, _ in planned)} in {study_dir}", flush=True)
+    for arm, command, own_flags in planned:
+        run_dir = study_dir / arm
+        flags = shared_flags(args, vars(parser.parse_args([command])))
+        argv = [command, *flags, *own_flags, "--output_dir", str(study_dir), "--run_name", arm]
+        previous = recorded(run_dir)
+        if previous.get("status") == "finished":
+            changed = changed_settings(previous.get("config", {}), parser.parse_args(argv))
+            if changed:
+                raise ToolError(
+                    f"study {name}: {arm} finished with other settings ({', '.join(changed)}); "
+                    "give this study another --study_name"
+                )
+            print(f"study {name}: {arm} finished already, skipped", flush=True)
+            continue
+        argv += ["--resume"] if run_dir.exists() else []
+        print(f"study {name}: {arm}: python main.py {shlex.join(argv)}", flush=True)
+        code = run_arm([sys.executable, str(MAIN), *argv])
+        if code == 130 or code < 0:  # stopped by Ctrl-C/SIGTERM cleanly (130), or killed by a signal
+            raise RunInterrupted(f"study {name} stopped during {arm}; {again}")
+        if code != 0:
+            raise ToolError(f"study {name}: {arm} failed with exit status {code} (its error is above); {again}")
+    print(compare(study_dir, run_names={arm for arm, _, _ in planned}))
+    print(f"\nreport: {study_dir / 'report.md'}")

@@ -1,0 +1,124 @@
+"""`study`: every arm in one command, continued when run again; the report; honest grouping; LoRA variants."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from transformers import AutoModelForCausalLM, integrations
+
+import main as cli
+from lora_finetuning import add_lora_adapters
+
+ARMS = ("base", "full", "lora-r2", "lora-r4")
+
+
+@pytest.fixture(scope="module")
+def study(common_flags: list[str], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("studies")
+    argv = [
+        *("study", *common_flags, "--output_dir", str(out), "--study_name", "tiny"),
+        *("--arms", "base,full,lora", "--lora_ranks", "2,4", "--max_steps", "4", "--logging_steps", "2"),
+        *("--eval_examples", "3"),
+    ]
+    assert cli.main(argv) == 0
+    return {"argv": argv, "dir": out / "tiny"}
+
+
+def results(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def test_a_study_runs_every_arm_as_an_ordinary_run_with_each_methods_defaults(study):
+    runs = {arm: results(study["dir"] / arm) for arm in ARMS}
+    assert all(r["status"] == "finished" for r in runs.values())
+    assert [runs[a]["mode"] for a in ARMS] == ["base", "full", "lora", "lora"]
+    assert (runs["lora-r2"]["config"]["lora_rank"], runs["lora-r4"]["config"]["lora_rank"]) == (2, 4)
+    assert runs["full"]["config"]["learning_rate"] == 1e-5 and runs["lora-r2"]["config"]["learning_rate"] == 1e-4
+    assert runs["full"]["config"]["weight_decay"] == 0.01 and runs["lora-r4"]["config"]["weight_decay"] == 0
+    assert all(r["optimizer_steps"] == 4 and r["metrics"]["num_examples"] == 3 for a, r in runs.items() if a != "base")
+    assert runs["lora-r4"]["trainable_params"] == 2 * runs["lora-r2"]["trainable_params"]
+    table = (study["dir"] / "comparison.md").read_text()
+    assert all(f"({arm})" in table for arm in ARMS)
+    assert "- lora_rank: lora (lora-r2) 2; lora (lora-r4) 4" in table
+
+
+def test_the_report_names_valid_png_figures_beside_it(study):
+    report = (study["dir"] / "report.md").read_text()
+    figures = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", report)
+    assert len(figures) == 4
+    for name in figures:
+        with Image.open(study["dir"] / name) as image:
+            image.verify()
+            assert image.format == "PNG" and min(image.size) > 200
+    examples = report.split("## Example continuations")[1].split("##")[0]
+    assert "| prompt " in examples and all(f"({arm})" in examples.splitlines()[2] for arm in ARMS)
+    assert "Different between the columns:" in report and "learning_rate" in report
+    every = json.loads((study["dir"] / "comparison.json").read_text())
+    (one_set,) = every["sets"]
+    assert [r["label"] for r in one_set["runs"]] == ["base (base)", "full (full)", "lora (lora-r2)", "lora (lora-r4)"]
+    assert one_set["runs"][1]["test_perplexity"] == results(study["dir"] / "full")["test_perplexity"]
+
+
+def test_the_same_study_again_trains_nothing_and_changes_no_finished_arm(study, capfd):
+    before = {arm: (study["dir"] / arm / "results.json").read_bytes() for arm in ARMS}
+    capfd.readouterr()
+    assert cli.main(study["argv"]) == 0
+    printed = capfd.readouterr().out
+    assert printed.count("finished already, skipped") == len(ARMS) and "python main.py" not in printed
+    assert {arm: (study["dir"] / arm / "results.json").read_bytes() for arm in ARMS} == before
+
+    assert cli.main([*study["argv"], "--max_steps", "5"]) == 1  # the same study, other settings: refused
+    captured = capfd.readouterr()
+    assert "base finished already" in captured.out
+    assert "full finished with other settings (--max_steps 4 -> 5)" in captured.err and "--study_name" in captured.err
+
+
+def test_runs_of_other_settings_get_their_own_table_and_a_saved_model_is_no_base(study, common_flags, capsys):
+    flags = [*common_flags, "--output_dir", str(study["dir"]), "--eval_examples", "3"]
+    assert cli.main(["full", *flags, "--run_name", "other-seed", "--seed", "7", "--max_steps", "4"]) == 0
+    assert cli.main(["evaluate", *flags, "--model", str(study["dir"] / "full" / "model"), "--run_name", "again"]) == 0
+    capsys.readouterr()
+    assert cli.main(study["argv"]) == 0
+    printed = capsys.readouterr().out
+    assert "other-seed" not in printed and "again" not in printed and "base (base)" in printed
+
+    assert cli.main(["compare", "--output_dir", str(study["dir"]), "--all"]) == 0
+    tables = capsys.readouterr().out.split("Set ")[1:]
+    assert len(tables) == 3
+    (other,) = [t for t in tables if "other-seed" in t]
+    (saved,) = [t for t in tables if "(again)" in t]
+    assert "full (full)" not in other and "base (base)" not in other
+    assert "saved (again)" in saved and "base (" not in saved
+    report = (study["dir"] / "report.md").read_text()
+    assert "## Set 3 of 3" in report and (study["dir"] / "set3-tradeoff.png").is_file()
+
+
+def test_a_dora_arm_on_all_linear_layers_trains_and_counts_parameters_as_peft(common_flags, tmp_path):
+    argv = ["lora", *common_flags, "--output_dir", str(tmp_path), "--run_name", "dora", "--use_dora"]
+    argv += ["--lora_target_modules", "all-linear", "--max_steps", "3", "--logging_steps", "1", "--eval_examples", "0"]
+    assert cli.main(argv) == 0
+    run = results(tmp_path / "dora")
+    assert run["method"] == "dora" and run["optimizer_steps"] == 3 and run["best_train_loss"] > 0
+    args = cli.build_parser().parse_args(argv)
+    peft_model = add_lora_adapters(AutoModelForCausalLM.from_pretrained(args.model), args)
+    assert run["trainable_params"] == peft_model.get_nb_trainable_parameters()[0]
+    adapter = json.loads((tmp_path / "dora" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["use_dora"] and {m.rsplit(".")[-1] for m in adapter["target_modules"]} == {
+        "c_attn",
+        "c_proj",
+        "c_fc",
+    }
+
+
+def test_a_tracker_that_is_not_installed_is_named_before_anything_runs(capsys):
+    missing = [t for t in cli.TRACKERS[1:] if not getattr(integrations, f"is_{t}_available")()]
+    if not missing:
+        pytest.skip("every tracker is installed here")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["study", "--report_to", missing[0]])
+    assert exit_info.value.code == 2
+    assert f"{missing[0]} is not installed; pip install {missing[0]}" in capsys.readouterr().err
