@@ -159,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate = commands.add_parser("evaluate", help="score a model without training it", parents=[data_flags()])
     evaluate.add_argument("--adapter", help="a LoRA adapter directory to put on --model")
+    evaluate.add_argument(
+        "--resume", action="store_const", const="latest", help="start an unfinished evaluation (--run_name) over"
+    )
     compare = commands.add_parser("compare", help="print the runs side by side")
     compare.add_argument("--output_dir", default="results", help="(default: results)")
     compare.add_argument("--all", action="store_true", help="every finished run, not only the latest of each mode")

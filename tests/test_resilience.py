@@ -80,12 +80,12 @@ def test_sigterm_saves_a_checkpoint_and_resume_ends_with_the_uninterrupted_weigh
         torch.testing.assert_close(again[name], straight[name], rtol=0, atol=1e-6)
 
 
-def test_resume_refuses_a_finished_run_and_a_run_without_checkpoints(trained_runs, common_flags, capsys):
+def test_resume_refuses_a_finished_run_and_a_missing_one(trained_runs, common_flags, capsys):
     out = trained_runs["output_dir"]
     assert cli.main(["full", *common_flags, "--output_dir", str(out), "--resume", "--run_name", "full-run"]) == 1
     assert "finished already" in capsys.readouterr().err
     assert cli.main(["full", *common_flags, "--output_dir", str(out), "--resume", "--run_name", "nothing"]) == 1
-    assert "no checkpoint to resume from" in capsys.readouterr().err
+    assert "there is no run nothing" in capsys.readouterr().err
 
 
 def test_a_loss_that_turns_non_finite_stops_the_run_naming_the_step(common_flags, tmp_path, capsys):
