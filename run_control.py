@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainerState
+from transformers.trainer import TRAINER_STATE_NAME
 
 from measurement import RunClock
 from utils import ToolError
@@ -75,6 +76,17 @@ class CheckedTrainer(Trainer):
         self.clock = RunClock()
         self.add_callback(self.clock)
         self.checkpoint_saved: Callable[[Path], None] = lambda path: None
+
+    def train_from(self, checkpoint: Path | None) -> None:
+        """Train, continuing from `checkpoint` when given. A checkpoint of the last step is loaded, not trained on:
+        resumed there, the Trainer would take one step past the end."""
+        if checkpoint:
+            state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
+            if state.global_step >= state.max_steps:
+                self.state = state
+                self._load_from_checkpoint(str(checkpoint))
+                return
+        self.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)

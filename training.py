@@ -284,7 +284,7 @@ def train_evaluate_save(
         if main:
             write_results(run.path, results | run.figures)
         try:
-            trainer.train(resume_from_checkpoint=str(run.checkpoint) if run.checkpoint else None)
+            trainer.train_from(run.checkpoint)
         except torch.OutOfMemoryError as e:
             raise ToolError(
                 f"out of GPU memory at --batch_size {args.batch_size} (blocks of {args.block_size} tokens); "
