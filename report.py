@@ -256,6 +256,8 @@ def write_report(output_dir: Path, sets: list[list[Run]]) -> None:
         if len(sets) > 1:
             sections += ["", f"## Set {i} of {len(sets)}"]
         sections += ["", f"{h} Comparison", "", tabulate(rows, headers=headers, tablefmt="github")]
+        reasons = {lookup(r, "metrics.meteor_unavailable_reason") for r in runs} - {None}
+        sections += [f"\nMETEOR not computed: {reason}." for reason in sorted(reasons)]
         sections += [
             "",
             f"Measured on {environment.get('gpu') or environment.get('device', '?')} with torch "
