@@ -117,9 +117,14 @@ def label(run: Run) -> str:
 
 
 def settings(run: Run) -> dict[str, Any]:
-    """What the run is: every flag but where it was written, its method and the precision it ran at."""
-    config = {k: v for k, v in run.get("config", {}).items() if k not in NOT_SETTINGS}
-    return config | {"method": method(run), "precision": run.get("precision")}
+    """What the run is: every flag but where it was written (and the Hub dataset when --data_dir replaced it),
+    its method and the precision it ran at."""
+    config = run.get("config", {})
+    unused = NOT_SETTINGS + (("dataset", "dataset_config") if config.get("data_dir") else ())
+    return {k: v for k, v in config.items() if k not in unused} | {
+        "method": method(run),
+        "precision": run.get("precision"),
+    }
 
 
 def length(run: Run) -> tuple | None:
@@ -137,7 +142,7 @@ def comparable_sets(runs: list[Run]) -> list[list[Run]]:
     model with the same settings, and of runs with identical settings only the latest is kept."""
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
-        key = json.dumps([run.get("config", {}).get(k) for k in COMPARABLE] + [run.get("precision")], default=str)
+        key = json.dumps([settings(run).get(k) for k in COMPARABLE] + [run.get("precision")], default=str)
         groups.setdefault((key, json.dumps(length(run))), []).append(run)
     bases = {key: members for (key, run_length), members in groups.items() if run_length == "null"}
     trained = [(key, members) for (key, run_length), members in groups.items() if run_length != "null"]
