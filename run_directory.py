@@ -173,16 +173,19 @@ def open_run(output_dir: Path, run_name: str | None, resume: str | None, mode: s
         path = create_run_dir(output_dir, run_name, mode)
         return RunDirectory(path, lock=take_lock(path))
     path = run_to_resume(output_dir, run_name, resume, mode)
-    lock = take_lock(path)
-    if read_results(path).get("status") == "finished":
-        raise ToolError(f"{path} finished already; there is nothing to resume")
-    run = RunDirectory(path, lock=lock)
-    if resume != "latest":
-        run.checkpoint = Path(resume).resolve()
-        if not (run.checkpoint / CHECKPOINT_FIGURES).is_file():
-            raise ToolError(f"{resume} is not a complete checkpoint (no {CHECKPOINT_FIGURES}); resume with --resume")
-    else:
-        run.checkpoint = newest_complete_checkpoint(run.checkpoints)
+    run = RunDirectory(path, lock=take_lock(path))
+    try:
+        if read_results(path).get("status") == "finished":
+            raise ToolError(f"{path} finished already; there is nothing to resume")
+        if resume != "latest":
+            run.checkpoint = Path(resume).resolve()
+            if not (run.checkpoint / CHECKPOINT_FIGURES).is_file():
+                raise ToolError(f"{resume} is not a complete checkpoint (no {CHECKPOINT_FIGURES}); use --resume alone")
+        else:
+            run.checkpoint = newest_complete_checkpoint(run.checkpoints)
+    except ToolError:
+        run.__exit__()
+        raise
     if run.checkpoint is None:
         print(f"{path} has no complete checkpoint: starting it over from step 0", file=sys.stderr)
     else:
