@@ -170,6 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def leave_process_group() -> None:
+    """Leave the process group explicitly: a process that exits with it still open (others finish first while
+    the main one scores generations) can abort in the group's teardown. Not after an error: leaving waits for
+    the other processes, and a failing one should exit at once so that the launcher stops them."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -182,7 +192,6 @@ def main(argv: list[str] | None = None) -> int:
 
             score_csv(args.csv)
         else:
-            import torch.distributed as dist
             import transformers
 
             import evaluation
@@ -191,12 +200,12 @@ def main(argv: list[str] | None = None) -> int:
 
             transformers.set_seed(args.seed)
             recipe = {"full": full_finetuning, "lora": lora_finetuning, "evaluate": evaluation}[args.command]
-            recipe.run(args)
-            # Leave the process group explicitly: a process that exits with it still open (others finish first
-            # while the main one scores generations) can abort in the group's teardown. Not on an error: leaving
-            # waits for the other processes, and a failing one should exit at once so the launcher stops them.
-            if dist.is_available() and dist.is_initialized():
-                dist.destroy_process_group()
+            try:
+                recipe.run(args)
+            except RunInterrupted:  # every process stopped at the same step: leave together
+                leave_process_group()
+                raise
+            leave_process_group()
     except RunInterrupted as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 130

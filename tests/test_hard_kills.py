@@ -136,3 +136,12 @@ def test_a_run_that_is_still_going_cannot_be_resumed(flags, straight, capsys):
         assert "still going" in capsys.readouterr().err
     finally:
         held.close()
+
+
+def test_resume_refuses_another_commands_run(flags, straight, capsys):
+    crashed = straight.parent / "crashed-lora"
+    crashed.mkdir()
+    (crashed / "results.json").write_text('{"mode": "lora", "status": "running"}\n')
+    assert cli.main(["full", *flags, "--resume", "--run_name", "crashed-lora"]) == 1
+    assert "is a lora run; resume it with python main.py lora" in capsys.readouterr().err
+    assert json.loads((crashed / "results.json").read_text()) == {"mode": "lora", "status": "running"}

@@ -100,6 +100,9 @@ def test_a_loss_that_turns_non_finite_stops_the_run_naming_the_step(common_flags
     assert cli.main(argv) == 1
     err = capsys.readouterr().err
     assert "the training loss became" in err and "at step" in err and "Traceback" not in err
+    (record,) = tmp_path.glob("full-*/results.json")
+    results = json.loads(record.read_text())
+    assert results["status"] == "failed" and "the training loss became" in results["error"]
 
 
 @pytest.fixture(scope="module")
