@@ -2,7 +2,7 @@
 
 python main.py full --epochs 2
 python main.py lora --lora_rank 8
-python main.py evaluate --model gpt2
+python main.py evaluate --model openai-community/gpt2-medium
 python main.py compare
 """
 
@@ -69,8 +69,17 @@ def data_flags() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default="gpt2", help="Hub id or local directory (default: gpt2)")
-    g.add_argument("--dataset", default="wikitext", help="Hub dataset (default: wikitext)")
+    g.add_argument(
+        "--model",
+        default="openai-community/gpt2",
+        help="Hub id or local directory; legacy ids such as gpt2 mean their namespaced ids "
+        "(default: openai-community/gpt2)",
+    )
+    g.add_argument(
+        "--dataset",
+        default="Salesforce/wikitext",
+        help="Hub dataset id, namespace/name; wikitext means Salesforce/wikitext (default: Salesforce/wikitext)",
+    )
     g.add_argument("--dataset_config", default="wikitext-2-raw-v1", help="(default: wikitext-2-raw-v1)")
     g.add_argument("--data_dir", help="local train/validation/test .txt (a row per line) or .parquet (a text column)")
     g.add_argument("--data_fraction", type=fraction, default=1.0, help="seeded share of each split (default: 1)")
@@ -192,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
 
             score_csv(args.csv)
         else:
+            from hub import resolve_sources
+
+            resolve_sources(args)
             import transformers
 
             import evaluation
