@@ -13,12 +13,13 @@ import torch
 from datasets import Dataset, load_dataset
 from transformers import PreTrainedTokenizerBase
 
-from utils import ToolError, atomic_write_bytes, one_line
+from hub import load_error
+from utils import ToolError, atomic_write_bytes
 
 SPLITS = ("train", "validation", "test")
 OFFLINE_DATA_HINT = (
     "to run without the Hub, pass --data_dir DIR holding train/validation/test .txt or .parquet files"
-    " (or warm the Hugging Face cache once and set HF_HUB_OFFLINE=1)"
+    " (or warm the Hugging Face cache once: it is read when the Hub cannot be reached)"
 )
 
 
@@ -32,7 +33,7 @@ def load_text_splits(dataset: str, dataset_config: str | None, data_dir: str | N
         try:
             loaded = load_dataset(dataset, dataset_config)
         except Exception as e:  # the Hub raises many types (ConnectionError, OSError, ValueError, ...)
-            raise ToolError(f"could not load dataset '{dataset}' ({one_line(e)}); {OFFLINE_DATA_HINT}") from e
+            raise load_error("dataset", dataset, e, OFFLINE_DATA_HINT) from e
         missing = [s for s in SPLITS if s not in loaded]
         if missing:
             raise ToolError(f"dataset '{dataset}' has no {', '.join(missing)} split")

@@ -1,4 +1,4 @@
-"""Evaluation recipe: score a model this run does not train (the Hub's gpt2, a saved run, base + adapter)."""
+"""Evaluation recipe: score a model this run does not train (GPT-2 from the Hub, a saved run, base + adapter)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 python main.py full --epochs 2
 python main.py lora --lora_rank 8
-python main.py evaluate --model gpt2
+python main.py evaluate --model openai-community/gpt2-medium
 python main.py compare
 python main.py study --arms base,full,lora --lora_ranks 4,8
 """
@@ -106,9 +106,18 @@ def data_flags() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default="gpt2", help="Hub id or local directory (default: gpt2)")
+    g.add_argument(
+        "--model",
+        default="openai-community/gpt2",
+        help="Hub id or local directory; legacy ids such as gpt2 mean their namespaced ids "
+        "(default: openai-community/gpt2)",
+    )
     g.add_argument("--from_scratch", action="store_true", help="random init from the model's config (no weights)")
-    g.add_argument("--dataset", default="wikitext", help="Hub dataset (default: wikitext)")
+    g.add_argument(
+        "--dataset",
+        default="Salesforce/wikitext",
+        help="Hub dataset id, namespace/name; wikitext means Salesforce/wikitext (default: Salesforce/wikitext)",
+    )
     g.add_argument("--dataset_config", default="wikitext-2-raw-v1", help="(default: wikitext-2-raw-v1)")
     g.add_argument("--data_dir", help="local train/validation/test .txt (a row per line) or .parquet (a text column)")
     g.add_argument("--data_fraction", type=fraction, default=1.0, help="seeded share of each split (default: 1)")
@@ -240,6 +249,16 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     return args
 
 
+def leave_process_group() -> None:
+    """Leave the process group explicitly: a process that exits with it still open (others finish first while
+    the main one scores generations) can abort in the group's teardown. Not after an error: leaving waits for
+    the other processes, and a failing one should exit at once so that the launcher stops them."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse_args(parser, argv)
@@ -257,7 +276,9 @@ def main(argv: list[str] | None = None) -> int:
 
             score_csv(args.csv)
         else:
-            import torch.distributed as dist
+            from hub import resolve_sources
+
+            resolve_sources(args)
             import transformers
 
             import evaluation
@@ -266,12 +287,12 @@ def main(argv: list[str] | None = None) -> int:
 
             transformers.set_seed(args.seed)
             recipe = {"full": full_finetuning, "lora": lora_finetuning, "evaluate": evaluation}[args.command]
-            recipe.run(args)
-            # Leave the process group explicitly: a process that exits with it still open (others finish first
-            # while the main one scores generations) can abort in the group's teardown. Not on an error: leaving
-            # waits for the other processes, and a failing one should exit at once so the launcher stops them.
-            if dist.is_available() and dist.is_initialized():
-                dist.destroy_process_group()
+            try:
+                recipe.run(args)
+            except RunInterrupted:  # every process stopped at the same step: leave together
+                leave_process_group()
+                raise
+            leave_process_group()
     except RunInterrupted as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 130

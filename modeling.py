@@ -7,11 +7,12 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from utils import ToolError, one_line
+from hub import load_error
+from utils import ToolError
 
 OFFLINE_MODEL_HINT = (
     "to run without the Hub, pass --model DIR with a saved model (or a config and tokenizer with --from_scratch),"
-    " or warm the Hugging Face cache once and set HF_HUB_OFFLINE=1"
+    " or warm the Hugging Face cache once (it is read when the Hub cannot be reached)"
 )
 
 
@@ -22,7 +23,7 @@ def _load(what: str, name: str, loader, *args, **kwargs):
     try:
         return loader(name, *args, **kwargs)
     except Exception as e:  # the Hub raises many types (OSError, ValueError, HTTP errors, ...)
-        raise ToolError(f"could not load {what} '{name}' ({one_line(e)}); {OFFLINE_MODEL_HINT}") from e
+        raise load_error(what, name, e, OFFLINE_MODEL_HINT) from e
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from transformers import Trainer, TrainerCallback, TrainerState
-from transformers.trainer import TRAINER_STATE_NAME
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import rotate_checkpoints
 
 from measurement import RunClock
-from utils import ToolError
+from run_directory import CHECKPOINT_FIGURES
+from utils import ToolError, make_durable
 
 
 class RunInterrupted(ToolError):
@@ -67,26 +68,40 @@ class StopOnSignal(TrainerCallback):
             control.should_save = False
 
 
+class NothingLeftToTrain(Exception):
+    """Training was resumed from a checkpoint of its last step."""
+
+
+class StopWhenNothingIsLeft(TrainerCallback):
+    """Resumed at its last step, the Trainer would take one step past the end: stop it once the checkpoint is
+    loaded (this run's step count is known by then, and the weights are in place however the model is sharded)."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            raise NothingLeftToTrain
+
+
 class CheckedTrainer(Trainer):
     """A Trainer that stops every process at the first non-finite training loss, times its evaluations and
-    checkpoint saves on `clock`, and calls `checkpoint_saved(path)` once a checkpoint's own files are written."""
+    checkpoint saves on `clock`, and completes each checkpoint: its files durable on disk, then
+    `checkpoint_saved(path)` (which writes the figures that mark it complete), then the rotation that keeps
+    `checkpoints_kept` of them (after the mark, so a complete checkpoint is never rotated away for one that is not).
+    """
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, checkpoints_kept: int | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.clock = RunClock()
         self.add_callback(self.clock)
+        self.add_callback(StopWhenNothingIsLeft())
+        self.checkpoints_kept = checkpoints_kept
         self.checkpoint_saved: Callable[[Path], None] = lambda path: None
 
     def train_from(self, checkpoint: Path | None) -> None:
-        """Train, continuing from `checkpoint` when given. A checkpoint of the last step is loaded, not trained on:
-        resumed there, the Trainer would take one step past the end."""
-        if checkpoint:
-            state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
-            if state.global_step >= state.max_steps:
-                self.state = state
-                self._load_from_checkpoint(str(checkpoint))
-                return
-        self.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        """Train, continuing from `checkpoint` when given."""
+        try:
+            self.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        except NothingLeftToTrain:
+            self.is_in_train = False
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -104,6 +119,19 @@ class CheckedTrainer(Trainer):
             return super().evaluate(*args, **kwargs)
 
     def _save_checkpoint(self, model, trial):
+        checkpoint = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        main = self.is_world_process_zero()
+        if main:  # an earlier save of this step is no longer whole once this one starts writing over it
+            (checkpoint / CHECKPOINT_FIGURES).unlink(missing_ok=True)
         with self.clock.timing("checkpoint_time_s"):
-            super()._save_checkpoint(model, trial)
-            self.checkpoint_saved(Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}")
+            super()._save_checkpoint(model, trial)  # the Trainer's own rotation is off (save_total_limit None)
+            if main:
+                make_durable(checkpoint)
+        self.checkpoint_saved(checkpoint)
+        if main and self.checkpoints_kept:
+            rotate_checkpoints(
+                output_dir=self.args.output_dir,
+                save_total_limit=self.checkpoints_kept,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import fcntl
 import json
-import shutil
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from utils import ToolError, atomic_write_json, timestamp
+from utils import ToolError, atomic_write_json, one_line, timestamp
 
 RESULTS = "results.json"
 # Written last into every checkpoint, so its presence is what makes a checkpoint complete.
@@ -57,9 +57,14 @@ def write_results(run_dir: Path, results: dict[str, Any]) -> None:
     atomic_write_json(Path(run_dir) / RESULTS, results)
 
 
+def open_lock_file(run_dir: Path) -> IO:
+    # Read-only is enough for flock, and works in a run directory another user owns.
+    return os.fdopen(os.open(run_dir / LOCK, os.O_RDONLY | os.O_CREAT, 0o644))
+
+
 def take_lock(run_dir: Path) -> IO:
     """Hold the run's lock for as long as this process lives (the kernel drops it when the process dies)."""
-    handle = (run_dir / LOCK).open("a")
+    handle = open_lock_file(run_dir)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -71,7 +76,7 @@ def take_lock(run_dir: Path) -> IO:
 def is_locked(run_dir: Path) -> bool:
     if not (run_dir / LOCK).is_file():
         return False
-    with (run_dir / LOCK).open("a") as handle:
+    with open_lock_file(run_dir) as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -81,18 +86,13 @@ def is_locked(run_dir: Path) -> bool:
 
 
 def create_run_dir(output_dir: Path, run_name: str | None, mode: str) -> Path:
-    """A new, empty run directory: `run_name`, or `<mode>-<timestamp>` made unique with a suffix.
+    """A run directory no other run uses: `run_name`, or `<mode>-<timestamp>` made unique with a suffix.
 
     Creating the directory is the atomic claim, so two runs started in the same second get two directories.
     """
     output_dir.mkdir(parents=True, exist_ok=True)
     if run_name:
         path = output_dir / run_name
-        if path.exists() and any(path.iterdir()):
-            raise ToolError(
-                f"{path} holds another run (finished or not); continue it with --resume --run_name {run_name}, "
-                "or choose another --run_name"
-            )
         path.mkdir(exist_ok=True)
         return path
     stem = f"{mode}-{timestamp()}"
@@ -110,16 +110,32 @@ def checkpoint_step(path: Path) -> int:
     return int(path.name.rsplit("-", 1)[1])
 
 
-def newest_complete_checkpoint(checkpoints: Path) -> Path | None:
-    """The newest checkpoint whose save finished; incomplete ones (a kill during a save) are named and removed."""
+def checkpoints_by_step(checkpoints: Path) -> list[Path]:
+    """The Trainer's checkpoint folders, newest step first."""
     if not checkpoints.is_dir():
-        return None
-    candidates = [p for p in checkpoints.glob("checkpoint-*") if p.name.rsplit("-", 1)[1].isdigit()]
-    for path in sorted(candidates, key=checkpoint_step, reverse=True):
+        return []
+    found = [p for p in checkpoints.glob("checkpoint-*") if p.name.rsplit("-", 1)[1].isdigit()]
+    return sorted(found, key=checkpoint_step, reverse=True)
+
+
+def set_aside(path: Path, why: str) -> None:
+    """Rename a checkpoint out of the Trainer's sight (`<why>-checkpoint-N`), keeping its files."""
+    target = path.with_name(f"{why}-{path.name}")
+    for n in range(2, 1000):
+        if not target.exists():
+            break
+        target = path.with_name(f"{why}-{path.name}-{n}")
+    path.rename(target)
+    print(f"set {path.name} aside as {target.name}: {why}", file=sys.stderr)
+
+
+def newest_complete_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest checkpoint whose save finished; newer ones (a kill during a save) are named and set aside."""
+    for path in checkpoints_by_step(checkpoints):
         if (path / CHECKPOINT_FIGURES).is_file():
             return path
-        print(f"skipping {path}: its save did not finish (no {CHECKPOINT_FIGURES}); removing it", file=sys.stderr)
-        shutil.rmtree(path, ignore_errors=True)
+        print(f"skipping {path}: its save did not finish (no {CHECKPOINT_FIGURES})", file=sys.stderr)
+        set_aside(path, "incomplete")
     return None
 
 
@@ -132,7 +148,7 @@ def write_checkpoint_figures(checkpoint: Path, figures: dict[str, Any]) -> None:
 
 
 def latest_unfinished_run(output_dir: Path, mode: str) -> Path:
-    """The most recently written `mode` run that did not finish and is not running now."""
+    """The most recently written `mode` run that was stopped or killed and is not running now."""
     runs = []
     for path in output_dir.glob(f"*/{RESULTS}"):
         results = read_results(path.parent)
@@ -162,29 +178,66 @@ def run_to_resume(output_dir: Path, run_name: str | None, resume: str, mode: str
     return latest_unfinished_run(output_dir, mode)
 
 
+def chosen_checkpoint(run: RunDirectory, resume: str) -> Path | None:
+    """The checkpoint `--resume` continues from: the newest complete one, or the CHECKPOINT given (newer ones,
+    which the run would otherwise mix with its own, are set aside)."""
+    if resume == "latest":
+        return newest_complete_checkpoint(run.checkpoints)
+    checkpoint = Path(resume).resolve()
+    if not (checkpoint / "trainer_state.json").is_file():
+        raise ToolError(f"{resume} is not a Trainer checkpoint (no trainer_state.json)")
+    if not (checkpoint / CHECKPOINT_FIGURES).is_file():
+        print(
+            f"{resume} has no {CHECKPOINT_FIGURES} (an older version wrote it, or its save did not finish): "
+            "continuing from it as asked; time and peaks before it are not counted",
+            file=sys.stderr,
+        )
+    for newer in checkpoints_by_step(run.checkpoints):
+        if checkpoint_step(newer) > checkpoint_step(checkpoint):
+            set_aside(newer, "abandoned")
+    return checkpoint
+
+
 def open_run(output_dir: Path, run_name: str | None, resume: str | None, mode: str) -> RunDirectory:
-    """Claim a run directory for this process: a new one, or an unfinished one to continue.
+    """Claim a run directory for this process: a new one, or an unfinished one of `mode` to continue.
 
     A resumed run continues from its newest complete checkpoint (or the CHECKPOINT given), with the figures
-    measured up to it; with none it starts over from step 0 in the same directory. A finished run, or one
-    that another live process holds, is refused.
+    measured up to it; with none it starts over from step 0 in the same directory. A finished run, another
+    mode's run, or one that another live process holds, is refused.
     """
-    if resume is None:
-        path = create_run_dir(output_dir, run_name, mode)
-        return RunDirectory(path, lock=take_lock(path))
-    path = run_to_resume(output_dir, run_name, resume, mode)
-    lock = take_lock(path)
-    if read_results(path).get("status") == "finished":
-        raise ToolError(f"{path} finished already; there is nothing to resume")
-    run = RunDirectory(path, lock=lock)
-    if resume != "latest":
-        run.checkpoint = Path(resume).resolve()
-        if not (run.checkpoint / CHECKPOINT_FIGURES).is_file():
-            raise ToolError(f"{resume} is not a complete checkpoint (no {CHECKPOINT_FIGURES}); resume with --resume")
-    else:
-        run.checkpoint = newest_complete_checkpoint(run.checkpoints)
+    path = (
+        create_run_dir(output_dir, run_name, mode)
+        if resume is None
+        else run_to_resume(output_dir, run_name, resume, mode)
+    )
+    run = RunDirectory(path, lock=take_lock(path))
+    try:
+        if resume is None:
+            if any(p.name != LOCK for p in path.iterdir()):
+                raise ToolError(
+                    f"{path} holds another run (finished or not); continue it with --resume --run_name {path.name}, "
+                    "or choose another --run_name"
+                )
+            write_results(path, {"status": "running", "mode": mode, "started_at": timestamp()})
+            return run
+        previous = read_results(path)
+        if previous.get("status") == "finished":
+            raise ToolError(f"{path} finished already; there is nothing to resume")
+        if previous.get("mode", mode) != mode:
+            raise ToolError(f"{path} is a {previous['mode']} run; resume it with python main.py {previous['mode']}")
+        run.checkpoint = chosen_checkpoint(run, resume)
+    except ToolError:
+        run.__exit__()
+        raise
     if run.checkpoint is None:
         print(f"{path} has no complete checkpoint: starting it over from step 0", file=sys.stderr)
-    else:
+    elif (run.checkpoint / CHECKPOINT_FIGURES).is_file():
         run.figures = checkpoint_figures(run.checkpoint)
     return run
+
+
+def mark_failed(run_dir: Path, error: BaseException) -> None:
+    """Say in the run's record that it stopped on an error, and which (it can still be resumed by name)."""
+    results = read_results(run_dir)
+    if results.get("status") != "finished":
+        write_results(run_dir, results | {"status": "failed", "error": one_line(error)})

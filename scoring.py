@@ -13,6 +13,8 @@ from pathlib import Path
 from statistics import fmean
 
 import nltk
+from nltk.tokenize import punkt_model_available, word_tokenize
+from nltk.translate.meteor_score import single_meteor_score
 from rouge_score import rouge_scorer
 from sacrebleu.metrics import BLEU, CHRF, TER
 from tabulate import tabulate
@@ -23,31 +25,41 @@ ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 METRIC_NAMES = ("bleu", "sacrebleu", *ROUGE_TYPES, "ter", "chrf", "meteor")
 
 
-def find_wordnet() -> str | None:
-    """None when WordNet is usable (found on NLTK's data path, or downloaded once), else why it is not."""
+def wordnet_found() -> bool:
     try:
-        nltk.data.find("corpora/wordnet.zip")
-        return None
+        nltk.data.find("corpora/wordnet/")  # the unzipped folder, else the folder inside wordnet.zip
+        return True
     except LookupError:
-        pass
-    with contextlib.redirect_stdout(io.StringIO()):
-        downloaded = nltk.download("wordnet", quiet=True, raise_on_error=False, print_error_to=io.StringIO())
-    if downloaded:
+        return False
+
+
+# What METEOR needs, as NLTK's downloader names it, and how to tell it is there: WordNet for synonyms, and punkt_tab,
+# the sentence splitter word_tokenize runs first (loaded the way word_tokenize loads it).
+METEOR_RESOURCES = {"wordnet": wordnet_found, "punkt_tab": punkt_model_available}
+
+
+def meteor_unavailable_reason() -> str | None:
+    """None when METEOR's resources are usable (found on NLTK's data path, or each downloaded once), else why not."""
+    missing = []
+    for name, found in METEOR_RESOURCES.items():
+        if found():
+            continue
+        with contextlib.redirect_stdout(io.StringIO()):
+            nltk.download(name, quiet=True, raise_on_error=False, print_error_to=io.StringIO())
+        if not found():
+            missing.append(name)
+    if not missing:
         return None
-    return "WordNet is not on NLTK's data path (set NLTK_DATA) and could not be downloaded"
+    return f"NLTK's {' and '.join(missing)} could not be found on its data path (set NLTK_DATA) or downloaded"
 
 
 def meteor(hypotheses: list[str], references: list[str]) -> float:
-    """Mean of nltk's per-example METEOR (alpha 0.9, beta 3, gamma 0.5, WordNet synonyms)."""
-    from nltk.tokenize import word_tokenize
-    from nltk.translate.meteor_score import single_meteor_score
-
-    # preserve_line skips punkt's sentence splitting, so only WordNet is needed.
-    def words(text: str) -> list[str]:
-        return word_tokenize(text, preserve_line=True)
-
+    """`evaluate`'s meteor: the mean over pairs of nltk's single_meteor_score (alpha 0.9, beta 3, gamma 0.5) on
+    words from nltk's word_tokenize, which splits sentences with punkt before splitting words."""
     pairs = zip(hypotheses, references, strict=True)
-    return fmean(single_meteor_score(words(r), words(h), alpha=0.9, beta=3, gamma=0.5) for h, r in pairs)
+    return fmean(
+        single_meteor_score(word_tokenize(r), word_tokenize(h), alpha=0.9, beta=3, gamma=0.5) for h, r in pairs
+    )
 
 
 def corpus_scores(hypotheses: list[str], references: list[str]) -> dict:
@@ -67,7 +79,7 @@ def corpus_scores(hypotheses: list[str], references: list[str]) -> dict:
         scores[kind] = fmean(s[kind].fmeasure for s in pair_scores)
     scores["ter"] = TER(case_sensitive=False).corpus_score(hypotheses, refs).score
     scores["chrf"] = CHRF().corpus_score(hypotheses, refs).score
-    reason = find_wordnet()
+    reason = meteor_unavailable_reason()
     scores["meteor"] = None if reason else meteor(hypotheses, references)
     scores["meteor_unavailable_reason"] = reason
     scores["num_examples"] = len(hypotheses)

@@ -20,8 +20,8 @@ from measurement import PeakMemoryTracker, best, max_over_processes, perplexity
 from modeling import count_parameters
 from report import method_name, print_run_summary
 from run_control import CheckedTrainer, RunInterrupted, StopOnSignal
-from run_directory import RunDirectory, open_run, read_results, write_checkpoint_figures, write_results
-from utils import MIB, ToolError, environment_info, timestamp
+from run_directory import RunDirectory, mark_failed, open_run, read_results, write_checkpoint_figures, write_results
+from utils import MIB, ToolError, environment_info, make_durable, timestamp
 
 
 def resolve_precision(choice: str) -> str:
@@ -79,10 +79,12 @@ def save_model(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, target: Pat
         return None
     tokenizer.save_pretrained(str(staging))
     (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle of our flags; results.json has them
+    make_durable(staging)
     shutil.rmtree(replaced, ignore_errors=True)
     if target.exists():
         target.rename(replaced)
     staging.rename(target)
+    make_durable(target.parent)
     shutil.rmtree(replaced, ignore_errors=True)
     return sum(f.stat().st_size for f in target.glob("*.safetensors")) / MIB
 
@@ -121,7 +123,7 @@ def build_trainer(
         logging_steps=args.logging_steps,
         save_strategy="steps" if args.save_steps else "epoch",
         save_steps=args.save_steps,
-        save_total_limit=args.save_total_limit,
+        save_total_limit=None,  # CheckedTrainer rotates, once a new checkpoint is marked complete
         torch_compile=args.compile,
         fsdp=args.fsdp or None,
         fsdp_config=args.fsdp_config,
@@ -134,6 +136,7 @@ def build_trainer(
         train_dataset=data["train"],
         eval_dataset=data["validation"],
         data_collator=default_data_collator,
+        checkpoints_kept=args.save_total_limit,
     )
 
 
@@ -252,7 +255,14 @@ def finetune(
 ) -> dict[str, Any]:
     """Train `model` on the packed splits, measure the run, evaluate it, save it; return results.json's content."""
     with claim_run(args, mode) as run:
-        return train_evaluate_save(args, mode, model, tokenizer, run)
+        try:
+            return train_evaluate_save(args, mode, model, tokenizer, run)
+        except RunInterrupted:
+            raise
+        except Exception as e:
+            if process_state().is_main_process:
+                mark_failed(run.path, e)
+            raise
 
 
 def train_evaluate_save(

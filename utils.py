@@ -36,9 +36,33 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    try:  # Linux says it without changing it (changing it briefly would race with other threads)
+        status = Path("/proc/self/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration):
+        mask = os.umask(0)
+        os.umask(mask)
+        return mask
+
+
+def make_durable(folder: Path) -> None:
+    """Flush every file below `folder`, and the folders themselves, to disk, so that a power cut after this
+    returns cannot leave them empty or torn; files get the mode open() would give them (some writers use 0600)."""
+    mode = 0o666 & ~current_umask()
+    for root, _, files in os.walk(folder, topdown=False):
+        for name in files:
+            path = os.path.join(root, name)
+            os.chmod(path, mode)
+            fsync_path(path, os.O_RDONLY)
+        fsync_path(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+
+def fsync_path(path: str, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -80,7 +80,7 @@ def load_rows(text: str | None) -> list[str]:
         return Path(text).read_text(encoding="utf-8").splitlines(keepends=True)
     from datasets import load_dataset
 
-    return load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"]
+    return load_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", split="test")["text"]
 
 
 def recipe_flags(args: argparse.Namespace, mode: str) -> argparse.Namespace:

@@ -71,10 +71,10 @@ def test_missing_local_model_path_fails_at_once(capsys, tmp_path):
 
 
 def test_unreachable_hub_dataset_points_to_data_dir(tiny_model_dir, capsys, tmp_path):
-    argv = ["full", "--model", str(tiny_model_dir), "--dataset", "no-such-dataset-xyz", "--output_dir", str(tmp_path)]
+    argv = ["full", "--model", str(tiny_model_dir), "--dataset", "nobody/no-such-data", "--output_dir", str(tmp_path)]
     code, err = run_and_capture(argv, capsys)
     assert code == 1
-    assert "could not load dataset 'no-such-dataset-xyz'" in err and "--data_dir" in err
+    assert "could not load dataset 'nobody/no-such-data'" in err and "--data_dir" in err
 
 
 def test_missing_data_dir_and_missing_split_are_named(tiny_model_dir, data_dir, capsys, tmp_path):

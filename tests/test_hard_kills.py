@@ -30,10 +30,10 @@ KILLER = textwrap.dedent(
         os.kill(os.getpid(), signal.SIGKILL)
 
     point = sys.argv[1]
-    if point == "optimizer_step":  # after the backward pass of step 5, before its update
+    if point in ("first_step", "optimizer_step"):  # after the backward pass of step 1 or 5, before its update
         class KillBeforeUpdate(TrainerCallback):
             def on_pre_optimizer_step(self, args, state, control, **kwargs):
-                if state.global_step == 4:
+                if state.global_step == (0 if point == "first_step" else 4):
                     die()
         build = training.build_trainer
         def build_and_arm(*args, **kwargs):
@@ -56,7 +56,7 @@ KILLER = textwrap.dedent(
     """
 )
 
-KILL_POINTS = ["optimizer_step", "checkpoint_save", "after_model_save", "generation"]
+KILL_POINTS = ["first_step", "optimizer_step", "checkpoint_save", "after_model_save", "generation"]
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def flags(common_flags, tmp_path_factory) -> list[str]:
     return [
         *common_flags,
         *("--output_dir", str(out), "--max_steps", "6", "--save_steps", "2", "--learning_rate", "3e-3"),
-        *("--logging_steps", "2", "--eval_examples", "2"),
+        *("--logging_steps", "2", "--eval_examples", "1"),
     ]
 
 
@@ -89,19 +89,23 @@ def test_a_hard_kill_then_resume_ends_as_the_run_that_was_never_stopped(point, f
     assert done.returncode == -9  # SIGKILL: nothing of the tool ran after it
     run_dir = straight.parent / point
     assert results_of(run_dir)["status"] == "running"  # the record is there from the start
-    complete = sorted(p for p in (run_dir / "checkpoints").iterdir() if (p / CHECKPOINT_FIGURES).is_file())
-    survived = json.loads((complete[-1] / CHECKPOINT_FIGURES).read_text())
+    complete = sorted(p for p in run_dir.glob("checkpoints/*") if (p / CHECKPOINT_FIGURES).is_file())
+    survived = json.loads((complete[-1] / CHECKPOINT_FIGURES).read_text()) if complete else {"train_time_s": 0}
 
     capsys.readouterr()
     assert cli.main(["full", *flags, "--resume", "--run_name", point]) == 0
+    err = capsys.readouterr().err
     if point == "checkpoint_save":
-        assert "checkpoint-4: its save did not finish" in capsys.readouterr().err
+        assert "checkpoint-4: its save did not finish" in err
+    if point == "first_step":
+        assert "no complete checkpoint: starting it over from step 0" in err
 
     resumed, reference = results_of(run_dir), results_of(straight)
-    assert resumed["status"] == "finished" and resumed["resumed_from"] == str(complete[-1])
+    assert resumed["status"] == "finished"
+    assert resumed["resumed_from"] == (str(complete[-1]) if complete else None)
     assert resumed["optimizer_steps"] == reference["optimizer_steps"] == 6
     assert resumed["train_tokens"] == reference["train_tokens"]
-    assert resumed["train_time_s"] >= survived["train_time_s"] > 0
+    assert resumed["train_time_s"] >= survived["train_time_s"] and resumed["train_time_s"] > 0
     assert resumed["train_tokens_per_s"] == pytest.approx(resumed["train_tokens"] / resumed["train_time_s"])
     assert resumed["test_loss"] == pytest.approx(reference["test_loss"], abs=1e-6)
     ours, theirs = (load_file(d / "model" / "model.safetensors") for d in (run_dir, straight))
@@ -132,3 +136,12 @@ def test_a_run_that_is_still_going_cannot_be_resumed(flags, straight, capsys):
         assert "still going" in capsys.readouterr().err
     finally:
         held.close()
+
+
+def test_resume_refuses_another_commands_run(flags, straight, capsys):
+    crashed = straight.parent / "crashed-lora"
+    crashed.mkdir()
+    (crashed / "results.json").write_text('{"mode": "lora", "status": "running"}\n')
+    assert cli.main(["full", *flags, "--resume", "--run_name", "crashed-lora"]) == 1
+    assert "is a lora run; resume it with python main.py lora" in capsys.readouterr().err
+    assert json.loads((crashed / "results.json").read_text()) == {"mode": "lora", "status": "running"}

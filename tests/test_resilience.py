@@ -78,6 +78,9 @@ def test_sigterm_saves_a_checkpoint_and_resume_ends_with_the_uninterrupted_weigh
     resumed = json.loads((tmp_path / "stopped" / "results.json").read_text())
     assert resumed["status"] == "finished" and resumed["optimizer_steps"] == 12
     assert resumed["train_tokens"] == 12 * 4 * 32
+    # time continues from the checkpoint: it covers both sessions' steps, and saves and validation apart
+    assert resumed["train_time_s"] > stopped["train_time_s"] and resumed["checkpoint_time_s"] > 0
+    assert resumed["eval_time_s"] > 0
     straight, again = weights(tmp_path / "straight"), weights(tmp_path / "stopped")
     assert straight.keys() == again.keys()
     for name in straight:
@@ -97,6 +100,9 @@ def test_a_loss_that_turns_non_finite_stops_the_run_naming_the_step(common_flags
     assert cli.main(argv) == 1
     err = capsys.readouterr().err
     assert "the training loss became" in err and "at step" in err and "Traceback" not in err
+    (record,) = tmp_path.glob("full-*/results.json")
+    results = json.loads(record.read_text())
+    assert results["status"] == "failed" and "the training loss became" in results["error"]
 
 
 @pytest.fixture(scope="module")

@@ -5,27 +5,47 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections import Counter
+import shutil
+import zipfile
+from collections import Counter, defaultdict
+from pathlib import Path
 
 import nltk
 import pytest
+from nltk.data import ZipFilePathPointer
 
 import main as cli
-from scoring import METRIC_NAMES, corpus_scores
+from scoring import METRIC_NAMES, corpus_scores, wordnet_found
 
 # Made-up words: lowercase alphanumerics that every metric's tokenizer keeps whole, with no stems or synonyms.
 VOCAB = [f"w{i:02d}" for i in range(30)]
 
 
-def has_wordnet() -> bool:
-    try:
-        nltk.data.find("corpora/wordnet.zip")
-        return True
-    except LookupError:
-        return False
+needs_wordnet = pytest.mark.skipif(not wordnet_found(), reason="WordNet is not on NLTK's data path (set NLTK_DATA)")
 
 
-needs_wordnet = pytest.mark.skipif(not has_wordnet(), reason="WordNet is not on NLTK's data path (set NLTK_DATA)")
+def write_punkt_tab(nltk_data: Path) -> None:
+    """An untrained punkt_tab model for English (empty parameter files): it splits sentences at every period that
+    ends a word, which on the text here is what the trained model does too."""
+    model = nltk_data / "tokenizers" / "punkt_tab" / "english"
+    model.mkdir(parents=True)
+    for name in ("collocations.tab", "sent_starters.txt", "abbrev_types.txt", "ortho_context.tab"):
+        (model / name).write_text("")
+
+
+@pytest.fixture
+def punkt_tab(tmp_path, monkeypatch) -> Path:
+    """NLTK's data path with an untrained punkt_tab model after whatever it held (WordNet, when NLTK_DATA has it)."""
+    write_punkt_tab(tmp_path / "punkt")
+    monkeypatch.setattr(nltk.data, "path", [*nltk.data.path, str(tmp_path / "punkt")])
+    return tmp_path / "punkt"
+
+
+@pytest.fixture
+def nothing_to_download(monkeypatch):
+    monkeypatch.setattr(nltk, "download", lambda *args, **kwargs: False)  # as offline
+    # nltk keeps the punkt model it loaded for the rest of the process; look it up afresh.
+    nltk.tokenize._get_punkt_tokenizer.cache_clear()
 
 
 def random_pairs(n: int, seed: int) -> list[tuple[str, str]]:
@@ -145,11 +165,21 @@ def reference_rouge(pairs) -> dict[str, float]:
 
 
 def reference_meteor(pairs, alpha=0.9, beta=3, gamma=0.5) -> float:
-    """Banerjee and Lavie's METEOR with exact matches (words here have no stems or synonyms), averaged."""
+    """Banerjee and Lavie's METEOR with exact case-insensitive matches (the words that differ here have no stems or
+    synonyms in common), averaged. Words are separated by spaces. The k-th occurrence of a word in the hypothesis
+    aligns with its k-th in the reference: the pairs here hold a repeated word as often on both sides, where that is
+    the alignment without crossings."""
     scores = []
     for hyp, ref in pairs:
-        h, r = hyp.split(), ref.split()
-        aligned = sorted((i, r.index(w)) for i, w in enumerate(h) if w in r)  # no word repeats in a sentence
+        h, r = hyp.lower().split(), ref.lower().split()
+        positions, seen = defaultdict(list), Counter()
+        for j, w in enumerate(r):
+            positions[w].append(j)
+        aligned = []
+        for i, w in enumerate(h):
+            if seen[w] < len(positions[w]):
+                aligned.append((i, positions[w][seen[w]]))
+            seen[w] += 1
         if not aligned:
             scores.append(0.0)
             continue
@@ -206,7 +236,7 @@ def test_scores_are_corpus_level_not_means_of_sentences():
 
 
 @needs_wordnet
-def test_meteor_matches_an_independent_computation_with_wordnet():
+def test_meteor_matches_an_independent_computation_with_wordnet(punkt_tab):
     pairs = random_pairs(40, seed=4)
     s = score(pairs)
     assert s["meteor_unavailable_reason"] is None
@@ -215,13 +245,51 @@ def test_meteor_matches_an_independent_computation_with_wordnet():
     assert synonyms > score([("a xq dog", "a quick dog")])["meteor"]  # WordNet synonyms count
 
 
-def test_meteor_without_wordnet_is_null_with_the_reason(monkeypatch, tmp_path):
+# Hypotheses with ordinary punctuation, as GPT-2 writes; references spaced, as WikiText is; and the hypotheses as
+# evaluate's tokenization sees them (punkt splits the sentences, so each sentence's final period is a word).
+ORDINARY_PUNCTUATION = [
+    ("He went home. Then he slept.", "He went home . Then he slept ."),
+    ("The castle was built by the king. It was w01 in w07.", "The castle was built by the king . It was w02 ."),
+    ("A small village, near the w05. The railway came w06!", "A small village , near the w03 . The railway came w04 !"),
+]
+SPACED_HYPOTHESES = [
+    "He went home . Then he slept .",
+    "The castle was built by the king . It was w01 in w07 .",
+    "A small village , near the w05 . The railway came w06 !",
+]
+
+
+@needs_wordnet
+def test_meteor_tokenizes_ordinary_punctuation_as_evaluate_does(punkt_tab):
+    refs = [r for _, r in ORDINARY_PUNCTUATION]
+    s = score(ORDINARY_PUNCTUATION)
+    expected = reference_meteor(list(zip(SPACED_HYPOTHESES, refs, strict=True)))
+    assert s["meteor"] == pytest.approx(expected, abs=1e-12)
+    assert score(ORDINARY_PUNCTUATION[:1])["meteor"] == pytest.approx(1 - 0.5 * (1 / 8) ** 3)  # same 8 words, 1 chunk
+
+
+@needs_wordnet
+def test_wordnet_and_punkt_tab_are_found_as_unzipped_folders(tmp_path, monkeypatch, nothing_to_download):
+    wordnet = nltk.data.find("corpora/wordnet/")
+    if isinstance(wordnet, ZipFilePathPointer):
+        zipfile.ZipFile(wordnet.zipfile.filename).extractall(tmp_path / "corpora")
+    else:
+        shutil.copytree(wordnet.path, tmp_path / "corpora" / "wordnet")
+    write_punkt_tab(tmp_path)
     monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
-    monkeypatch.setattr(nltk, "download", lambda *args, **kwargs: False)  # as offline
+    s = score(ORDINARY_PUNCTUATION)
+    assert s["meteor_unavailable_reason"] is None and s["meteor"] > 0.5
+
+
+def test_meteor_without_its_nltk_resources_is_null_naming_them(monkeypatch, tmp_path, nothing_to_download):
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
     s = score([("a b c d", "a b c d")])
     assert s["meteor"] is None
-    assert "WordNet" in s["meteor_unavailable_reason"] and "NLTK_DATA" in s["meteor_unavailable_reason"]
+    assert "wordnet and punkt_tab" in s["meteor_unavailable_reason"] and "NLTK_DATA" in s["meteor_unavailable_reason"]
     assert s["bleu"] == pytest.approx(1.0)  # the other metrics are still there
+    (tmp_path / "corpora" / "wordnet").mkdir(parents=True)  # an unzipped WordNet counts as found
+    reason = score([("a b c d", "a b c d")])["meteor_unavailable_reason"]
+    assert "punkt_tab" in reason and "wordnet" not in reason
 
 
 def test_score_command_writes_the_same_keys_as_results_metrics(tmp_path, capsys):

@@ -1,0 +1,96 @@
+"""Hugging Face Hub ids and reachability: the namespaced ids of the names people type, and a quick check that the
+Hub answers before the libraries spend about 50 s retrying it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import datasets
+from huggingface_hub import constants, get_session
+
+from utils import ToolError, one_line
+
+# Ids people type that now live under a namespace on the Hub. A cache warmed under one id does not serve the other,
+# and datasets 5.2 cannot list the files of a dataset whose id has no namespace.
+NAMESPACED_IDS = {
+    "model": {
+        "gpt2": "openai-community/gpt2",
+        "gpt2-medium": "openai-community/gpt2-medium",
+        "gpt2-large": "openai-community/gpt2-large",
+        "gpt2-xl": "openai-community/gpt2-xl",
+        "distilgpt2": "distilbert/distilgpt2",
+    },
+    "dataset": {"wikitext": "Salesforce/wikitext"},
+}
+
+# Why the Hub did not answer this process's check; None while it answered or was not asked.
+unreachable_reason: str | None = None
+
+
+def is_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
+
+
+def hub_id(kind: str, name: str) -> str:
+    """The id to load for --model or --dataset `name`: a legacy id as its namespaced one (with a note), a local
+    path or any other id as given. A dataset id without a namespace is an error."""
+    if is_local(name):
+        return name
+    namespaced = NAMESPACED_IDS[kind].get(name)
+    if namespaced:
+        print(f"note: --{kind} {name} is {namespaced} on the Hub; using {namespaced}", file=sys.stderr)
+        return namespaced
+    if kind == "dataset" and "/" not in name:
+        raise ToolError(
+            f"--dataset {name} is not a Hub dataset id: those have the form namespace/name "
+            "(e.g. Salesforce/wikitext); for local files pass --data_dir DIR"
+        )
+    return name
+
+
+def check_hub() -> str | None:
+    """None when the Hub answers one request within the client's own metadata timeout, else why not."""
+    try:
+        get_session().head(constants.ENDPOINT, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except Exception as e:  # the HTTP client's transport errors (DNS, refused, timeout, TLS, proxy, ...)
+        return f"{type(e).__name__}: {one_line(e)}"
+    return None
+
+
+def read_cache_only() -> None:
+    """Offline mode from now on: the libraries read the local Hugging Face cache and make no requests."""
+    os.environ["HF_HUB_OFFLINE"] = "1"  # for processes started from this one
+    # The libraries read HF_HUB_OFFLINE once, when imported; these are the flags they consult on every call.
+    constants.HF_HUB_OFFLINE = True
+    datasets.config.HF_HUB_OFFLINE = True
+
+
+def resolve_sources(args: argparse.Namespace) -> None:
+    """Map legacy ids in place; when a source is on the Hub and the Hub does not answer, use the local cache only.
+
+    Nothing is checked when HF_HUB_OFFLINE is set or every source is a local path.
+    """
+    global unreachable_reason
+    args.model = hub_id("model", args.model)
+    sources = [args.model]
+    if args.data_dir is None:
+        args.dataset = hub_id("dataset", args.dataset)
+        sources.append(args.dataset)
+    if constants.HF_HUB_OFFLINE or all(is_local(s) for s in sources):
+        return
+    unreachable_reason = check_hub()
+    if unreachable_reason:
+        read_cache_only()
+
+
+def load_error(what: str, name: str, error: Exception, hint: str) -> ToolError:
+    """The one line for a model, tokenizer or dataset that could not be loaded, saying when the Hub was the cause."""
+    if unreachable_reason and not is_local(name):
+        return ToolError(
+            f"could not load {what} '{name}': the Hugging Face Hub could not be reached ({unreachable_reason}) "
+            f"and the local Hugging Face cache does not hold it; {hint}"
+        )
+    return ToolError(f"could not load {what} '{name}' ({one_line(error)}); {hint}")
