@@ -156,6 +156,7 @@ def plot_tradeoff(runs: list[Run], labels: list[str], memory_key: str, path: Pat
             ax.set_yscale("log")
         if spans_orders([p[0] for p in points]):
             ax.set_xscale("log")
+        ax.margins(0.12)  # room for the labels of the outermost points
         ax.set(xlabel=xlabel, ylabel="test perplexity (lower is better)")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
