@@ -130,7 +130,7 @@ def plot_quality(runs: list[Run], labels: list[str], path: Path) -> None:
         values = [(metrics.get(key) or 0) * factor for _, key, factor in SCORES]
         right.bar([j + i * width for j in range(len(SCORES))], values, width, color=color[label], label=label)
     right.set_xticks([j + 0.4 - width / 2 for j in range(len(SCORES))], [s[0] for s in SCORES], fontsize=8)
-    right.set_title("Generation scores (0-100)", fontsize=10)
+    right.set_title("Generation scores (0-1 metrics x100; TER may exceed 100)", fontsize=10)
     right.grid(axis="y", alpha=0.3)
     right.legend(fontsize=8)
     fig.tight_layout()
