@@ -9,12 +9,12 @@ import sys
 from pathlib import Path
 
 import datasets
-from huggingface_hub import constants, get_session
+from huggingface_hub import constants, get_session, try_to_load_from_cache
 
 from utils import ToolError, one_line
 
 # Ids people type that now live under a namespace on the Hub. A cache warmed under one id does not serve the other,
-# and datasets 5.2 cannot list the files of a dataset whose id has no namespace.
+# and datasets 5.2 cannot list the files of a dataset whose id has no namespace (it can still read one it cached).
 NAMESPACED_IDS = {
     "model": {
         "gpt2": "openai-community/gpt2",
@@ -26,8 +26,27 @@ NAMESPACED_IDS = {
     "dataset": {"wikitext": "Salesforce/wikitext"},
 }
 
+LEGACY_IDS = {kind: {namespaced: legacy for legacy, namespaced in ids.items()} for kind, ids in NAMESPACED_IDS.items()}
+
 # Why the Hub did not answer this process's check; None while it answered or was not asked.
 unreachable_reason: str | None = None
+
+
+def in_cache(kind: str, name: str) -> bool:
+    """Whether the local Hugging Face cache holds this model or dataset (as the libraries look it up offline)."""
+    if kind == "model":
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    return (Path(datasets.config.HF_DATASETS_CACHE) / name.replace("/", "___")).is_dir()
+
+
+def cached_id(kind: str, name: str) -> str:
+    """Without the Hub: `name`, or its legacy id when only that one is cached (a cache warmed before the Hub
+    moved the id under a namespace serves only the old id)."""
+    legacy = LEGACY_IDS[kind].get(name)
+    if legacy and not in_cache(kind, name) and in_cache(kind, legacy):
+        print(f"note: the local cache holds {kind} {name} under its legacy id {legacy}; using that", file=sys.stderr)
+        return legacy
+    return name
 
 
 def is_local(name: str) -> bool:
@@ -43,7 +62,7 @@ def hub_id(kind: str, name: str) -> str:
     if namespaced:
         print(f"note: --{kind} {name} is {namespaced} on the Hub; using {namespaced}", file=sys.stderr)
         return namespaced
-    if kind == "dataset" and "/" not in name:
+    if kind == "dataset" and "/" not in name and not in_cache(kind, name):
         raise ToolError(
             f"--dataset {name} is not a Hub dataset id: those have the form namespace/name "
             "(e.g. Salesforce/wikitext); for local files pass --data_dir DIR"
@@ -79,18 +98,25 @@ def resolve_sources(args: argparse.Namespace) -> None:
     if args.data_dir is None:
         args.dataset = hub_id("dataset", args.dataset)
         sources.append(args.dataset)
-    if constants.HF_HUB_OFFLINE or all(is_local(s) for s in sources):
+    if all(is_local(s) for s in sources):
         return
-    unreachable_reason = check_hub()
-    if unreachable_reason:
+    if not constants.HF_HUB_OFFLINE:
+        unreachable_reason = check_hub()
+        if not unreachable_reason:
+            return
+        note = f"note: the Hugging Face Hub did not answer ({unreachable_reason}); reading the local cache only"
+        print(note, file=sys.stderr)
         read_cache_only()
+    args.model = cached_id("model", args.model)
+    if args.data_dir is None:
+        args.dataset = cached_id("dataset", args.dataset)
 
 
 def load_error(what: str, name: str, error: Exception, hint: str) -> ToolError:
     """The one line for a model, tokenizer or dataset that could not be loaded, saying when the Hub was the cause."""
     if unreachable_reason and not is_local(name):
         return ToolError(
-            f"could not load {what} '{name}': the Hugging Face Hub could not be reached ({unreachable_reason}) "
-            f"and the local Hugging Face cache does not hold it; {hint}"
+            f"could not load {what} '{name}': the Hugging Face Hub could not be reached ({unreachable_reason}), "
+            f"and from the local cache: {one_line(error)}; {hint}"
         )
     return ToolError(f"could not load {what} '{name}' ({one_line(error)}); {hint}")

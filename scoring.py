@@ -25,9 +25,14 @@ ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 METRIC_NAMES = ("bleu", "sacrebleu", *ROUGE_TYPES, "ter", "chrf", "meteor")
 
 
+# The files nltk's WordNet reader opens (data.* on first use): a folder left by an interrupted download lacks some.
+WORDNET_FILES = ("lexnames", *(f"{kind}.{pos}" for kind in ("index", "data") for pos in ("noun", "verb", "adj", "adv")))
+
+
 def wordnet_found() -> bool:
-    try:
-        nltk.data.find("corpora/wordnet/")  # the unzipped folder, else the folder inside wordnet.zip
+    try:  # the unzipped folder, else the folder inside wordnet.zip
+        for name in WORDNET_FILES:
+            nltk.data.find(f"corpora/wordnet/{name}")
         return True
     except LookupError:
         return False
@@ -51,6 +56,10 @@ def meteor_unavailable_reason() -> str | None:
     if not missing:
         return None
     return f"NLTK's {' and '.join(missing)} could not be found on its data path (set NLTK_DATA) or downloaded"
+
+
+# What a METEOR figure depends on, stored with it so that figures computed another way are never compared unawares.
+METEOR_SIGNATURE = f"nltk {nltk.__version__}: word_tokenize (punkt_tab), single_meteor_score alpha 0.9 beta 3 gamma 0.5"
 
 
 def meteor(hypotheses: list[str], references: list[str]) -> float:
@@ -82,6 +91,7 @@ def corpus_scores(hypotheses: list[str], references: list[str]) -> dict:
     reason = meteor_unavailable_reason()
     scores["meteor"] = None if reason else meteor(hypotheses, references)
     scores["meteor_unavailable_reason"] = reason
+    scores["meteor_signature"] = None if reason else METEOR_SIGNATURE
     scores["num_examples"] = len(hypotheses)
     return scores
 

@@ -13,6 +13,7 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments, default_data_collator
 
+import hub
 from data import PackedBlocks, load_text_splits, prepare_lm_splits, prompt_reference_pairs
 from figures import plot_loss_curves
 from generation import evaluate_generation
@@ -176,6 +177,7 @@ def run_record(
         "resumed_from": str(run.checkpoint) if run.checkpoint else None,
         "config": vars(args),
         "environment": environment_info(),
+        "hub_unreachable_reason": hub.unreachable_reason,  # set when the run read the local cache instead
         "precision": resolve_precision(args.precision),
         "world_size": trainer.args.world_size,
         "peak_memory_is_max_over_processes": trainer.args.world_size > 1,

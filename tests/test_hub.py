@@ -127,3 +127,23 @@ def test_an_unreachable_hub_without_a_cache_is_one_line_at_once(tmp_path):
     assert done.returncode == 1 and "Traceback" not in done.stderr and "Retrying" not in done.stderr
     (line,) = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert "'openai-community/gpt2': the Hugging Face Hub could not be reached" in line and "--model DIR" in line
+
+
+def test_without_the_hub_a_cache_warmed_under_the_legacy_ids_still_serves(tmp_path, monkeypatch, capsys):
+    import datasets
+    from huggingface_hub import constants
+
+    from hub import cached_id
+
+    legacy = tmp_path / "hub" / "models--gpt2"
+    (legacy / "refs").mkdir(parents=True)
+    (legacy / "refs" / "main").write_text(COMMIT)
+    (legacy / "snapshots" / COMMIT).mkdir(parents=True)
+    (legacy / "snapshots" / COMMIT / "config.json").write_text("{}")
+    (tmp_path / "datasets" / "wikitext" / "wikitext-2-raw-v1").mkdir(parents=True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    assert cached_id("model", "openai-community/gpt2") == "gpt2"
+    assert cached_id("dataset", "Salesforce/wikitext") == "wikitext"
+    assert "holds model openai-community/gpt2 under its legacy id gpt2" in capsys.readouterr().err
+    assert cached_id("model", "openai-community/gpt2-medium") == "openai-community/gpt2-medium"  # not cached either way
