@@ -137,5 +137,5 @@ def test_a_finished_run_is_never_overwritten(trained_runs, common_flags, capsys)
     before = (trained_runs["full"] / "results.json").read_bytes()
     flags = [*common_flags, "--output_dir", str(trained_runs["output_dir"]), "--run_name", "full-run"]
     assert cli.main(["full", *flags, "--max_steps", "1"]) == 1
-    assert "already holds a run" in capsys.readouterr().err
+    assert "holds another run" in capsys.readouterr().err
     assert (trained_runs["full"] / "results.json").read_bytes() == before
