@@ -65,7 +65,7 @@ def plot_study_loss(runs: list[Run], labels: list[str], path: Path) -> None:
     color = colors(labels)
     for run, label in zip(runs, labels, strict=True):
         history = run.get("log_history") or []
-        if not any("loss" in e for e in history):
+        if run["mode"] == "base":
             if run.get("val_loss") is not None:
                 ax.axhline(run["val_loss"], color=color[label], linestyle=":", label=f"{label} validation (untrained)")
             continue
@@ -127,12 +127,17 @@ def plot_quality(runs: list[Run], labels: list[str], path: Path) -> None:
     width = 0.8 / len(runs)
     for i, (run, label) in enumerate(zip(runs, labels, strict=True)):
         metrics = run.get("metrics") or {}
-        values = [(metrics.get(key) or 0) * factor for _, key, factor in SCORES]
-        right.bar([j + i * width for j in range(len(SCORES))], values, width, color=color[label], label=label)
+        for j, (_, key, factor) in enumerate(SCORES):
+            x = j + i * width
+            if metrics.get(key) is None:  # not computed (e.g. METEOR without its NLTK data): no bar, not a zero
+                right.text(x, 0.02, "n/a", transform=right.get_xaxis_transform(), ha="center", fontsize=7, color="grey")
+            else:
+                right.bar(x, metrics[key] * factor, width, color=color[label], label=label if j == 0 else None)
     right.set_xticks([j + 0.4 - width / 2 for j in range(len(SCORES))], [s[0] for s in SCORES], fontsize=8)
     right.set_title("Generation scores (0-1 metrics x100; TER may exceed 100)", fontsize=10)
     right.grid(axis="y", alpha=0.3)
-    right.legend(fontsize=8)
+    if right.get_legend_handles_labels()[0]:
+        right.legend(fontsize=8)
     fig.tight_layout()
     save_png(fig, path)
 
@@ -144,11 +149,13 @@ def plot_tradeoff(runs: list[Run], labels: list[str], memory_key: str, path: Pat
     memory_label = "peak GPU memory (MB)" if "gpu" in memory_key else "peak CPU memory (MB)"
     for ax, key, xlabel in ((axes[0], memory_key, memory_label), (axes[1], "train_time_s", "training time (s)")):
         points = [(run.get(key), run.get("test_perplexity"), label) for run, label in zip(runs, labels, strict=True)]
-        for x, y, label in points:
+        for run, (x, y, label) in zip(runs, points, strict=True):
             if y is None:
                 continue
-            if x is None:  # untrained: no cost, its perplexity as a reference line
+            if run["mode"] == "base":  # untrained: no cost, its perplexity as a reference line
                 ax.axhline(y, color=color[label], linestyle=":", label=f"{label} (untrained)")
+                continue
+            if x is None:  # measured on another kind of device than this axis shows
                 continue
             ax.scatter(x, y, color=color[label], s=60, zorder=3)
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=9)

@@ -32,6 +32,13 @@ LEGACY_IDS = {kind: {namespaced: legacy for legacy, namespaced in ids.items()} f
 unreachable_reason: str | None = None
 
 
+def canonical_id(name: str) -> str:
+    """A Hub id as the Hub names it now: a legacy id (or a cache's legacy copy of one) as its namespaced id."""
+    for ids in NAMESPACED_IDS.values():
+        name = ids.get(name, name)
+    return name
+
+
 def in_cache(kind: str, name: str) -> bool:
     """Whether the local Hugging Face cache holds this model or dataset (as the libraries look it up offline)."""
     if kind == "model":

@@ -89,7 +89,7 @@ def tracker(name: str) -> str:
     from transformers import integrations
 
     available = getattr(integrations, f"is_{name}_available", None)
-    if available is None:
+    if name not in TRACKERS or available is None:
         raise argparse.ArgumentTypeError(f"invalid choice: {name} (choose from {', '.join(TRACKERS)})")
     if not available():
         raise argparse.ArgumentTypeError(f"{name} is not installed; pip install {name}, or use --report_to none")
@@ -155,7 +155,7 @@ def training_flags(learning_rate: float | None, weight_decay: float | None) -> a
     """The training flags; None defaults mean each method's own (`study`)."""
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=positive_float, default=2, help="(default: 2)")
+    g.add_argument("--epochs", type=positive_float, default=2.0, help="(default: 2)")
     g.add_argument("--max_steps", type=positive_int, help="stop after this many optimizer steps")
     g.add_argument("--learning_rate", type=positive_float, default=learning_rate, help=default_help(learning_rate, 0))
     g.add_argument("--weight_decay", type=non_negative_float, default=weight_decay, help=default_help(weight_decay, 1))
@@ -199,7 +199,7 @@ def lora_flags(per_arm: bool = False) -> argparse.ArgumentParser:
         g.add_argument("--lora_rank", type=positive_int, default=4, help="(default: 4)")
         g.add_argument("--use_dora", action="store_true", help="DoRA: weight-decomposed LoRA (PEFT's use_dora)")
         g.add_argument("--use_rslora", action="store_true", help="rank-stabilised scaling alpha/sqrt(r) (PEFT)")
-    g.add_argument("--lora_alpha", type=positive_float, default=32, help="(default: 32)")
+    g.add_argument("--lora_alpha", type=positive_float, default=32.0, help="(default: 32)")
     g.add_argument("--lora_dropout", type=dropout, default=0.05, help="(default: 0.05)")
     g.add_argument(
         "--lora_target_modules",

@@ -11,6 +11,7 @@ from typing import Any, TextIO
 
 from tabulate import tabulate
 
+from hub import canonical_id, is_local
 from utils import atomic_write_json, atomic_write_text
 
 Run = dict[str, Any]
@@ -116,14 +117,27 @@ def label(run: Run) -> str:
     return f"{method(run)} ({Path(run['run_dir']).name})"
 
 
+def canonical(key: str, value: Any) -> Any:
+    """One spelling per setting: 2 and 2.0 alike, a path however it was typed, a Hub id however it was typed."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if key in ("model", "dataset", "data_dir", "adapter") and isinstance(value, str):
+        return str(Path(value).resolve()) if is_local(value) else canonical_id(value)
+    return value
+
+
 def settings(run: Run) -> dict[str, Any]:
-    """What the run is: every flag but where it was written (and the Hub dataset when --data_dir replaced it),
-    its method and the precision it ran at."""
+    """What the run is: every flag but where it was written (and the Hub dataset when --data_dir replaced it, the
+    epochs when --max_steps did), its method, the precision it ran at, and on how many processes and GPUs."""
     config = run.get("config", {})
     unused = NOT_SETTINGS + (("dataset", "dataset_config") if config.get("data_dir") else ())
-    return {k: v for k, v in config.items() if k not in unused} | {
+    unused += ("epochs",) if config.get("max_steps") else ()
+    return {k: canonical(k, v) for k, v in config.items() if k not in unused} | {
         "method": method(run),
         "precision": run.get("precision"),
+        "device": (run.get("environment") or {}).get("device"),
+        "world_size": run.get("world_size"),
+        "global_batch_size": run.get("global_batch_size"),
     }
 
 
@@ -134,7 +148,10 @@ def length(run: Run) -> tuple | None:
         return None
     if "epochs" not in config:
         return ("evaluated", config.get("adapter") or config.get("model"))
-    return ("max_steps", config["max_steps"]) if config.get("max_steps") else ("epochs", config["epochs"])
+    steps = (
+        ("max_steps", config["max_steps"]) if config.get("max_steps") else ("epochs", canonical("", config["epochs"]))
+    )
+    return (*steps, "global batch", run.get("global_batch_size"))
 
 
 def comparable_sets(runs: list[Run]) -> list[list[Run]]:
@@ -142,7 +159,7 @@ def comparable_sets(runs: list[Run]) -> list[list[Run]]:
     model with the same settings, and of runs with identical settings only the latest is kept."""
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
-        key = json.dumps([settings(run).get(k) for k in COMPARABLE] + [run.get("precision")], default=str)
+        key = json.dumps([settings(run).get(k) for k in (*COMPARABLE, "precision", "device")], default=str)
         groups.setdefault((key, json.dumps(length(run))), []).append(run)
     bases = {key: members for (key, run_length), members in groups.items() if run_length == "null"}
     trained = [(key, members) for (key, run_length), members in groups.items() if run_length != "null"]

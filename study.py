@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from report import compare
+from report import canonical, compare
 from run_control import RunInterrupted
 from utils import ToolError, timestamp
 
@@ -62,12 +62,18 @@ def recorded(run_dir: Path) -> dict:
     return results if isinstance(results, dict) else {}
 
 
+# Flags that change how a run is logged, checkpointed or batched for generation, not what it measures.
+NOT_RESULTS = ("cache_dir", "logging_steps", "eval_batch_size", "report_to", "save_steps", "save_total_limit")
+
+
 def changed_settings(config: dict, expected: argparse.Namespace) -> list[str]:
     """The flags whose recorded value differs from what this study command would run the arm with."""
     return [
         f"--{key} {config.get(key)} -> {value}"
         for key, value in vars(expected).items()
-        if key in config and key not in (*NOT_PASSED, "cache_dir") and json.dumps(config[key]) != json.dumps(value)
+        if key in config
+        and key not in (*NOT_PASSED, *NOT_RESULTS)
+        and json.dumps(canonical(key, config[key])) != json.dumps(canonical(key, value))
     ]
 
 
@@ -75,9 +81,9 @@ def run_arm(argv: list[str]) -> int:
     """Run one arm to its end; a Ctrl-C or SIGTERM to the study goes to the arm, which stops cleanly."""
     # Its own session: a terminal's Ctrl-C reaches the arm once (forwarded here), not twice.
     child = subprocess.Popen(argv, start_new_session=True)
-    previous = {
-        s: signal.signal(s, lambda signum, _: child.send_signal(signum)) for s in (signal.SIGINT, signal.SIGTERM)
-    }
+    # A closed terminal (SIGHUP) stops the arm as SIGTERM does, rather than leave it running unseen.
+    forward = {signal.SIGINT: signal.SIGINT, signal.SIGTERM: signal.SIGTERM, signal.SIGHUP: signal.SIGTERM}
+    previous = {s: signal.signal(s, lambda signum, _: child.send_signal(forward[signum])) for s in forward}
     try:
         return child.wait()
     finally:
@@ -92,18 +98,19 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     again = f"rerun the same command with --study_name {name} to continue"
     planned = arms(args)
     print(f"study {name}: arms {', '.join(a for a, _, _ in planned)} in {study_dir}", flush=True)
-    for arm, command, own_flags in planned:
-        run_dir = study_dir / arm
+    commands = {}
+    for arm, command, own_flags in planned:  # every arm checked before any runs: a study never mixes settings
         flags = shared_flags(args, vars(parser.parse_args([command])))
-        argv = [command, *flags, *own_flags, "--output_dir", str(study_dir), "--run_name", arm]
-        previous = recorded(run_dir)
-        if previous.get("status") == "finished":
-            changed = changed_settings(previous.get("config", {}), parser.parse_args(argv))
-            if changed:
-                raise ToolError(
-                    f"study {name}: {arm} finished with other settings ({', '.join(changed)}); "
-                    "give this study another --study_name"
-                )
+        commands[arm] = [command, *flags, *own_flags, "--output_dir", str(study_dir), "--run_name", arm]
+        changed = changed_settings(recorded(study_dir / arm).get("config", {}), parser.parse_args(commands[arm]))
+        if changed:
+            raise ToolError(
+                f"study {name}: {arm} was started with other settings ({', '.join(changed)}); "
+                "give this study another --study_name"
+            )
+    for arm, _, _ in planned:
+        run_dir, argv = study_dir / arm, commands[arm]
+        if recorded(run_dir).get("status") == "finished":
             print(f"study {name}: {arm} finished already, skipped", flush=True)
             continue
         argv += ["--resume"] if run_dir.exists() else []

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, integrations
 
 import main as cli
 from lora_finetuning import add_lora_adapters
+from report import comparable_sets, differences
 
 ARMS = ("base", "full", "lora-r2", "lora-r4")
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,8 +79,9 @@ def test_the_same_study_again_trains_nothing_and_changes_no_finished_arm(study, 
 
     assert cli.main([*study["argv"], "--max_steps", "5"]) == 1  # the same study, other settings: refused
     captured = capfd.readouterr()
-    assert "base finished already" in captured.out
-    assert "full finished with other settings (--max_steps 4 -> 5)" in captured.err and "--study_name" in captured.err
+    assert "finished already" not in captured.out  # every arm is checked before any runs
+    assert "full was started with other settings (--max_steps 4 -> 5)" in captured.err
+    assert "--study_name" in captured.err
 
 
 def test_runs_of_other_settings_get_their_own_table_and_a_saved_model_is_no_base(study, common_flags, capsys):
@@ -146,3 +148,20 @@ def test_a_stopped_study_says_how_to_go_on_and_the_same_command_finishes_it(comm
     assert "--resume" in done.stdout
     finished = results(tmp_path / "s" / "full")
     assert finished["status"] == "finished" and finished["optimizer_steps"] == 30
+
+
+def test_the_quick_start_runs_share_one_table_however_their_flags_were_typed(tmp_path):
+    """`full --epochs 2` records 2.0 and `lora` the default 2; `--model gpt2` is openai-community/gpt2."""
+    runs = []
+    for argv in (["full", "--epochs", "2", "--model", "gpt2"], ["lora", "--lora_alpha", "32"], ["evaluate"]):
+        args = cli.build_parser().parse_args(argv)
+        mode = {"evaluate": "base"}.get(argv[0], argv[0])
+        runs.append(
+            {"mode": mode, "config": vars(args), "precision": "fp32", "environment": {"device": "cpu"},
+             "world_size": 1, "global_batch_size": 4, "run_dir": str(tmp_path / argv[0]), "finished_at": argv[0]}
+        )  # fmt: skip
+    (only,) = comparable_sets(runs)
+    assert [r["mode"] for r in only] == ["base", "full", "lora"]
+    differ = differences(only)[1]
+    assert "epochs" not in differ and "model" not in differ and "lora_alpha" not in differ
+    assert set(differ) == {"method", "learning_rate", "weight_decay"}
