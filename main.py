@@ -116,6 +116,12 @@ def training_flags(learning_rate: float, weight_decay: float) -> argparse.Argume
     g.add_argument("--eval_steps", type=positive_int, help="validate every N steps (default: once per epoch)")
     g.add_argument("--logging_steps", type=positive_int, default=10, help="steps per logged loss (default: 10)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument(
+        "--activation_checkpointing",
+        "--gradient_checkpointing",
+        action="store_true",
+        help="keep only each layer's input and recompute the rest in the backward pass: less memory, more compute",
+    )
     g = p.add_argument_group("checkpoints and scale-out")
     g.add_argument(
         "--save_steps", type=positive_int, help="checkpoint every N steps (default: every epoch and the end)"

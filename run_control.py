@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 
+from lean_training import LeanTrainingMixin
 from utils import ToolError
 
 
@@ -59,8 +60,9 @@ class StopOnSignal(TrainerCallback):
             control.should_save = False
 
 
-class CheckedTrainer(Trainer):
-    """A Trainer that stops at the first non-finite training loss, naming the step."""
+class CheckedTrainer(LeanTrainingMixin, Trainer):
+    """A Trainer that stops at the first non-finite training loss, naming the step (and saves memory and time
+    where the numbers stay the same: lean_training.py)."""
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)

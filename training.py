@@ -142,6 +142,9 @@ def build_trainer(
         save_steps=args.save_steps,
         save_total_limit=args.save_total_limit,
         torch_compile=args.compile,
+        activation_checkpointing=args.activation_checkpointing,
+        # Non-reentrant: gradients reach LoRA's adapters even though the frozen layers' inputs need none.
+        activation_checkpointing_kwargs={"use_reentrant": False},
         fsdp=args.fsdp or None,
         fsdp_config=args.fsdp_config,
         deepspeed=args.deepspeed,
