@@ -5,7 +5,7 @@ labels over the padding, and generation one example at a time. Both sides share 
 the batch size and the number of optimizer steps. Each training measurement runs in a fresh process so that
 its peak memory is its own.
 
-    python bench/run.py --quick      # small GPT-2, a few steps: under 3 minutes on 2 CPU cores
+    python bench/run.py --quick      # a 2-layer GPT-2: under 3 minutes on 2 CPU cores
     python bench/run.py              # GPT-2 small from its config
 """
 
@@ -24,6 +24,7 @@ from types import SimpleNamespace
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: the tool's modules live one level up
 
+import psutil  # noqa: E402
 import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback  # noqa: E402
@@ -41,7 +42,7 @@ from generation import generate_continuations  # noqa: E402
 from lora_finetuning import add_lora_adapters  # noqa: E402
 from modeling import load_tokenizer  # noqa: E402
 from training import PeakMemoryTracker, build_trainer, resolve_precision  # noqa: E402
-from utils import atomic_write_json, atomic_write_text, environment_info, one_line, timestamp  # noqa: E402
+from utils import MIB, atomic_write_json, atomic_write_text, environment_info, one_line, timestamp  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 QUICK_SHAPE = {"n_layer": 2, "n_embd": 128, "n_head": 2}
@@ -53,7 +54,7 @@ def parse_args() -> argparse.Namespace:
     default_model = SHARED / "gpt2-offline"
     default_text = SHARED / "wikitext-2-raw-v1" / "wiki.test.raw"
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a 2-layer, 128-wide GPT-2 and fewer steps and examples")
+    p.add_argument("--quick", action="store_true", help="a 2-layer, 128-wide GPT-2 and fewer generation examples")
     p.add_argument(
         "--model",
         default=str(default_model) if default_model.is_dir() else "gpt2",
@@ -66,12 +67,18 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--block_size", type=int, default=512)
     p.add_argument("--batch_size", type=int, default=4)
-    p.add_argument("--steps", type=int, help="optimizer steps per training measurement (default: 6, quick 4)")
+    p.add_argument("--steps", type=int, help="timed optimizer steps per training measurement (default: 4)")
     p.add_argument("--examples", type=int, help="generation examples (default: 48, quick 8)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    p.add_argument(
+        "--compile_limit",
+        type=float,
+        help="seconds a --compile measurement may take before it counts as failed (default: 150, quick 60)",
+    )
     p.add_argument("--out_dir", default=str(ROOT / "bench" / "results"))
     args = p.parse_args()
-    args.steps = args.steps or (4 if args.quick else 6)
+    args.steps = args.steps or 4
+    args.compile_limit = args.compile_limit or (60 if args.quick else 150)
     args.examples = args.examples or (8 if args.quick else 48)
     return args
 
@@ -187,6 +194,7 @@ def timed_training(job: dict) -> dict:
         trainer.args.disable_tqdm = True
         clock = StepClock()
         trainer.add_callback(clock)
+        resident_before = psutil.Process().memory_info().rss / MIB  # the weights, the libraries, the data
         with PeakMemoryTracker() as memory:
             trainer.train()
     timed = clock.steps[1:]  # the first step pays for allocation and kernel selection
@@ -198,6 +206,7 @@ def timed_training(job: dict) -> dict:
         "step_s_median": median(s for s, _ in timed),
         "first_step_s": clock.steps[0][0],
         "flop_per_s": positions / seconds * flops_per_token(model, model_config(args), args.block_size, lora),
+        "cpu_memory_before_training_mb": resident_before,
         "peak_cpu_memory_mb": memory.peak_cpu_mb,
         "peak_gpu_memory_mb": memory.peak_gpu_mb,
         "peak_memory_mb": memory.peak_gpu_mb if memory.peak_gpu_mb is not None else memory.peak_cpu_mb,
@@ -309,8 +318,13 @@ def main() -> None:
     order += [(m, "seed_style", "plain") for m in MODES] + [(m, "ours", "compile") for m in MODES]
     for mode, pipeline, variant in order:
         job = {"args": vars(args), "mode": mode, "pipeline": pipeline, "extra": VARIANTS[variant], "threads": threads}
-        with spawn.Pool(1) as pool:
-            run = runs[mode, pipeline, variant] = pool.apply(train_measurement, (job,))
+        with spawn.Pool(1) as pool:  # leaving the block ends the process, also one still compiling
+            pending = pool.apply_async(train_measurement, (job,))
+            try:
+                run = pending.get(timeout=args.compile_limit if variant == "compile" else None)
+            except multiprocessing.TimeoutError:
+                run = {"error": f"took more than {args.compile_limit:.0f} s (--compile_limit)"}
+            runs[mode, pipeline, variant] = run
         done = run["error"] if "error" in run else f"{run['real_tokens_per_s']:,.0f} real tokens/s"
         print(f"  trained {mode:4} {pipeline:10} {variant:13}: {done}")
     if any("error" in run for (_, _, variant), run in runs.items() if variant != "compile"):
