@@ -8,14 +8,8 @@ from typing import Any
 from peft import PeftModel
 
 from modeling import load_causal_lm, load_tokenizer
-from training import (
-    evaluate_and_save_results,
-    evaluation_trainer,
-    load_packed_splits,
-    open_run_dir,
-    run_record,
-    shared_run_name,
-)
+from run_directory import write_results
+from training import claim_run, evaluate_and_save_results, evaluation_trainer, load_packed_splits, run_record
 from utils import ToolError, one_line
 
 
@@ -28,8 +22,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             model = PeftModel.from_pretrained(model, args.adapter)
         except Exception as e:  # peft raises ValueError/OSError/HF errors for a missing or foreign adapter
             raise ToolError(f"could not load LoRA adapter '{args.adapter}' ({one_line(e)})") from e
-    args.run_name = shared_run_name(args, mode)
-    run_dir, _, _ = open_run_dir(args, mode)
-    splits, data = load_packed_splits(args, tokenizer)
-    results = run_record(args, mode, run_dir, model)
-    return evaluate_and_save_results(args, results, evaluation_trainer(args, model, run_dir), tokenizer, splits, data)
+    with claim_run(args, mode) as run:  # an unfinished evaluation resumed with --resume simply starts over
+        args.run_name = run.path.name
+        splits, data = load_packed_splits(args, tokenizer)
+        trainer = evaluation_trainer(args, model, run.path)
+        results = run_record(args, mode, run, model, trainer)
+        if trainer.is_world_process_zero():
+            write_results(run.path, results)
+        return evaluate_and_save_results(args, results, trainer, tokenizer, splits, data)

@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate = commands.add_parser("evaluate", help="score a model without training it", parents=[data_flags()])
     evaluate.add_argument("--adapter", help="a LoRA adapter directory to put on --model")
+    evaluate.add_argument(
+        "--resume", action="store_const", const="latest", help="start an unfinished evaluation (--run_name) over"
+    )
     compare = commands.add_parser("compare", help="print the runs side by side")
     compare.add_argument("--output_dir", default="results", help="(default: results)")
     compare.add_argument("--all", action="store_true", help="every finished run, not only the latest of each mode")
@@ -194,13 +197,12 @@ def main(argv: list[str] | None = None) -> int:
 
             transformers.set_seed(args.seed)
             recipe = {"full": full_finetuning, "lora": lora_finetuning, "evaluate": evaluation}[args.command]
-            try:
-                recipe.run(args)
-            finally:
-                # Leave the process group explicitly: a process that exits with it still open (others finish
-                # first while the main one scores generations) can abort in the group's teardown.
-                if dist.is_available() and dist.is_initialized():
-                    dist.destroy_process_group()
+            recipe.run(args)
+            # Leave the process group explicitly: a process that exits with it still open (others finish first
+            # while the main one scores generations) can abort in the group's teardown. Not on an error: leaving
+            # waits for the other processes, and a failing one should exit at once so the launcher stops them.
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
     except RunInterrupted as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 130

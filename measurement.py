@@ -1,26 +1,31 @@
-"""How a run's figures are measured: peak memory, perplexity, bests, and their reduction across processes."""
+"""How a run's figures are measured: peak memory, time per activity, perplexity, bests, and their reduction
+across processes."""
 
 from __future__ import annotations
 
 import math
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
 import torch
 from accelerate.utils import gather_object
+from transformers import TrainerCallback
 
 from utils import MIB
 
 
 class PeakMemoryTracker:
-    """Peak resident memory of this process, and peak CUDA memory torch allocated, inside a `with` block."""
+    """Peak resident memory of this process, and peak CUDA memory torch allocated on any GPU, since `with`."""
 
     def __enter__(self) -> PeakMemoryTracker:
         self.peak_cpu_mb: float | None = None
         self.peak_gpu_mb: float | None = None
         self._sampler = None
-        try:  # Linux: reset the kernel's high-water mark, then read it at the end (exact, no sampling)
+        try:  # Linux: reset the kernel's high-water mark, then read it (exact, no sampling)
             Path("/proc/self/clear_refs").write_text("5")
             self._exact = True
         except OSError:
@@ -29,8 +34,8 @@ class PeakMemoryTracker:
             self._stop = threading.Event()
             self._sampler = threading.Thread(target=self._sample, daemon=True)
             self._sampler.start()
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
+        for device in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(device)
         return self
 
     def _sample(self) -> None:
@@ -38,17 +43,62 @@ class PeakMemoryTracker:
         while not self._stop.wait(0.02):
             self._sampled_peak = max(self._sampled_peak, process.memory_info().rss)
 
-    def __exit__(self, *exc: object) -> None:
+    def peaks(self) -> tuple[float, float | None]:
+        """(CPU, GPU) peaks in MiB so far; GPU is the largest over every visible device, None without CUDA."""
         if self._exact:
             status = Path("/proc/self/status").read_text()
             kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
-            self.peak_cpu_mb = kib * 1024 / MIB
+            cpu = kib * 1024 / MIB
         else:
+            cpu = self._sampled_peak / MIB
+        devices = range(torch.cuda.device_count())
+        gpu = max(torch.cuda.max_memory_allocated(d) for d in devices) / MIB if devices else None
+        return cpu, gpu
+
+    def __exit__(self, *exc: object) -> None:
+        self.peak_cpu_mb, self.peak_gpu_mb = self.peaks()
+        if self._sampler:
             self._stop.set()
             self._sampler.join()
-            self.peak_cpu_mb = self._sampled_peak / MIB
-        if torch.cuda.is_available():
-            self.peak_gpu_mb = torch.cuda.max_memory_allocated() / MIB
+
+
+class RunClock(TrainerCallback):
+    """Seconds a run spent in optimizer steps, in loss evaluation and in checkpoint saves.
+
+    A step runs from the Trainer's step-begin to its step-end callback: forward, backward and optimizer update.
+    """
+
+    KEYS = ("train_time_s", "eval_time_s", "checkpoint_time_s")
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(self.KEYS, 0.0)
+        self._step_start = 0.0
+
+    def start_from(self, figures: dict) -> None:
+        """Continue from the seconds a checkpoint recorded."""
+        self.seconds = {key: float(figures.get(key) or 0.0) for key in self.KEYS}
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._step_start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        synchronize(args.device)
+        self.seconds["train_time_s"] += time.perf_counter() - self._step_start
+
+    @contextmanager
+    def timing(self, key: str) -> Iterator[None]:
+        """Add the time the block takes to `key` (eval_time_s or checkpoint_time_s)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[key] += time.perf_counter() - start
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that wall-clock time covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def perplexity(loss: float) -> float:

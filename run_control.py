@@ -1,19 +1,33 @@
-"""Stopping a run safely: on Ctrl-C or SIGTERM, and at the first non-finite loss."""
+"""Controlling a run as it trains: stopping on Ctrl-C or SIGTERM and at the first non-finite loss, timing what
+the Trainer does, and completing each checkpoint with the figures measured up to it."""
 
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainerState
+from transformers.trainer import TRAINER_STATE_NAME
 
 from lean_training import LeanTrainingMixin
+from measurement import RunClock
 from utils import ToolError
 
 
 class RunInterrupted(ToolError):
     """Training stopped on a signal after saving a checkpoint; the message says how to resume."""
+
+
+def any_process(flag: bool, device: torch.device) -> bool:
+    """True when `flag` is true on any process (the flag itself in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 class StopOnSignal(TrainerCallback):
@@ -26,6 +40,7 @@ class StopOnSignal(TrainerCallback):
 
     def __init__(self) -> None:
         self.received: str | None = None
+        self.stopping = False  # agreed by every process at the end of a step
 
     def __enter__(self) -> StopOnSignal:
         self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
@@ -40,35 +55,57 @@ class StopOnSignal(TrainerCallback):
             raise KeyboardInterrupt
         self.received = signal.Signals(signum).name
 
-    def _stop_requested(self, device: torch.device) -> bool:
-        stop = self.received is not None
-        if dist.is_available() and dist.is_initialized():
-            flag = torch.tensor([int(stop)], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop = bool(flag.item())
-            self.received = self.received or ("a signal to another process" if stop else None)
-        return stop
-
     def on_step_end(self, args, state, control, **kwargs):
-        if self._stop_requested(args.device):
+        self.stopping = any_process(self.received is not None, args.device)
+        if self.stopping:
+            self.received = self.received or "a signal to another process"
             control.should_save = True
             control.should_training_stop = True
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        if self.received:  # the checkpoint is saved already; don't validate or save again on the way out
+        if self.stopping:  # the checkpoint is saved already; don't validate or save again on the way out
             control.should_evaluate = False
             control.should_save = False
 
 
 class CheckedTrainer(LeanTrainingMixin, Trainer):
-    """A Trainer that stops at the first non-finite training loss, naming the step (and saves memory and time
-    where the numbers stay the same: lean_training.py)."""
+    """A Trainer that stops every process at the first non-finite training loss, times its evaluations and
+    checkpoint saves on `clock`, and calls `checkpoint_saved(path)` once a checkpoint's own files are written
+    (and saves memory and time where the numbers stay the same: lean_training.py)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.clock = RunClock()
+        self.add_callback(self.clock)
+        self.checkpoint_saved: Callable[[Path], None] = lambda path: None
+
+    def train_from(self, checkpoint: Path | None) -> None:
+        """Train, continuing from `checkpoint` when given. A checkpoint of the last step is loaded, not trained on:
+        resumed there, the Trainer would take one step past the end."""
+        if checkpoint:
+            state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
+            if state.global_step >= state.max_steps:
+                self.state = state
+                self._load_from_checkpoint(str(checkpoint))
+                return
+        self.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not torch.isfinite(loss).all():
+        finite = bool(torch.isfinite(loss).all())
+        if any_process(not finite, self.args.device):
+            value = "non-finite on another process" if finite else loss.item()
             raise ToolError(
-                f"the training loss became {loss.item()} at step {self.state.global_step + 1}; "
+                f"the training loss became {value} at step {self.state.global_step + 1}; "
                 "lower --learning_rate (with fp16, also try --precision bf16 or fp32)"
             )
         return loss
+
+    def evaluate(self, *args, **kwargs):
+        with self.clock.timing("eval_time_s"):
+            return super().evaluate(*args, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        with self.clock.timing("checkpoint_time_s"):
+            super()._save_checkpoint(model, trial)
+            self.checkpoint_saved(Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}")

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -14,15 +12,15 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments, default_data_collator
-from transformers.trainer_utils import get_last_checkpoint
 
 from data import PackedBlocks, load_text_splits, prepare_lm_splits, prompt_reference_pairs
 from generation import evaluate_generation
 from measurement import PeakMemoryTracker, best, max_over_processes, perplexity
 from modeling import count_parameters
-from report import plot_loss_curves, print_run_summary, read_runs
+from report import plot_loss_curves, print_run_summary
 from run_control import CheckedTrainer, RunInterrupted, StopOnSignal
-from utils import MIB, ToolError, atomic_write_json, environment_info, timestamp
+from run_directory import RunDirectory, open_run, read_results, write_checkpoint_figures, write_results
+from utils import MIB, ToolError, environment_info, timestamp
 
 
 def resolve_precision(choice: str) -> str:
@@ -45,55 +43,32 @@ def cpu_only() -> bool:
     return not torch.cuda.is_available() and not torch.backends.mps.is_available()
 
 
-def open_run_dir(args: argparse.Namespace, mode: str) -> tuple[Path, str | None, dict[str, Any]]:
-    """The run's directory, the checkpoint to resume from (None for a fresh run) and what the interrupted
-    run recorded so far (empty for a fresh run).
-
-    A fresh run never reuses a directory that holds results; a resumed run continues an unfinished one.
-    """
-    output_dir = Path(args.output_dir)
-    resume = getattr(args, "resume", None)
-    if resume is None:
-        run_dir = output_dir / args.run_name
-        if (run_dir / "results.json").exists():
-            raise ToolError(f"{run_dir} already holds a run; choose another --run_name or move it away")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        return run_dir, None, {}
-    if resume == "latest":
-        run_dir = output_dir / args.run_name if args.run_name else latest_interrupted_run(output_dir, mode)
-        checkpoint = get_last_checkpoint(str(run_dir / "checkpoints")) if (run_dir / "checkpoints").is_dir() else None
-    else:
-        checkpoint = resume
-        run_dir = Path(resume).resolve().parent.parent
-    if not checkpoint or not (Path(checkpoint) / "trainer_state.json").is_file():
-        raise ToolError(f"no checkpoint to resume from in {run_dir}")
-    previous = read_results(run_dir)
-    if previous.get("status") == "finished":
-        raise ToolError(f"{run_dir} finished already; there is nothing to resume")
-    return run_dir, str(checkpoint), previous
-
-
-def read_results(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "results.json"
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except ValueError as e:
-        raise ToolError(f"{path} is damaged ({e}); resume from a checkpoint path with --resume PATH") from e
-
-
-def latest_interrupted_run(output_dir: Path, mode: str) -> Path:
-    runs = [r for r in read_runs(output_dir) if r.get("status") == "interrupted" and r["mode"] == mode]
-    if not runs:
-        raise ToolError(f"no interrupted {mode} run under {output_dir} to resume; name one with --run_name")
-    return max((Path(r["run_dir"]) for r in runs), key=lambda d: (d / "results.json").stat().st_mtime)
+def claim_run(args: argparse.Namespace, mode: str) -> RunDirectory:
+    """Open the run (a new directory or an unfinished one to continue) on the main process; the others learn
+    its directory, checkpoint and figures from it, and every process raises the same error if it fails."""
+    state = process_state()
+    run, shared = None, [None]
+    if state.is_main_process:
+        try:
+            run = open_run(Path(args.output_dir), args.run_name, args.resume, mode)
+            shared = [(run.path, run.checkpoint, run.figures)]
+        except ToolError as e:
+            shared = [str(e)]
+    if state.num_processes > 1:
+        broadcast_object_list(shared)
+    if isinstance(shared[0], str):
+        raise ToolError(shared[0])
+    return run or RunDirectory(*shared[0])
 
 
 def save_model(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, target: Path) -> float | None:
-    """Save the model (or adapter) with its tokenizer, appearing at `target` whole or not at all.
+    """Save the model (or adapter) with its tokenizer, appearing at `target` whole or not at all; an earlier
+    save there (a run killed before it finished) is replaced.
 
     Every process takes part (sharded models are gathered); the main one writes and returns the weights' MiB.
     """
     staging = target.with_name(f".{target.name}.partial")
+    replaced = target.with_name(f".{target.name}.replaced")
     main = trainer.is_world_process_zero()
     if main:
         shutil.rmtree(staging, ignore_errors=True)
@@ -103,7 +78,11 @@ def save_model(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, target: Pat
         return None
     tokenizer.save_pretrained(str(staging))
     (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle of our flags; results.json has them
+    shutil.rmtree(replaced, ignore_errors=True)
+    if target.exists():
+        target.rename(replaced)
     staging.rename(target)
+    shutil.rmtree(replaced, ignore_errors=True)
     return sum(f.stat().st_size for f in target.glob("*.safetensors")) / MIB
 
 
@@ -118,6 +97,7 @@ def training_arguments(args: argparse.Namespace, run_dir: Path, **training: Any)
         fp16=precision == "fp16",
         use_cpu=cpu_only(),
         report_to="none",
+        logging_nan_inf_filter=False,  # a non-finite loss must show, not be dropped from a mean
         **training,
     )
 
@@ -137,7 +117,6 @@ def build_trainer(
         eval_strategy="steps" if args.eval_steps else "epoch",
         eval_steps=args.eval_steps,
         logging_steps=args.logging_steps,
-        logging_nan_inf_filter=False,
         save_strategy="steps" if args.save_steps else "epoch",
         save_steps=args.save_steps,
         save_total_limit=args.save_total_limit,
@@ -167,9 +146,9 @@ def final_validation_loss(trainer: Trainer, validation: PackedBlocks) -> float:
     return trainer.evaluate(validation)["eval_loss"]
 
 
-def evaluation_trainer(args: argparse.Namespace, model: PreTrainedModel, run_dir: Path) -> Trainer:
+def evaluation_trainer(args: argparse.Namespace, model: PreTrainedModel, run_dir: Path) -> CheckedTrainer:
     """A Trainer that only evaluates, for models this tool did not train: at the precision training runs use."""
-    return Trainer(model=model, args=training_arguments(args, run_dir), data_collator=default_data_collator)
+    return CheckedTrainer(model=model, args=training_arguments(args, run_dir), data_collator=default_data_collator)
 
 
 def load_packed_splits(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -> tuple[dict, dict]:
@@ -179,21 +158,29 @@ def load_packed_splits(args: argparse.Namespace, tokenizer: PreTrainedTokenizerB
     return splits, data
 
 
-def run_record(args: argparse.Namespace, mode: str, run_dir: Path, model: PreTrainedModel) -> dict[str, Any]:
+def run_record(
+    args: argparse.Namespace, mode: str, run: RunDirectory, model: PreTrainedModel, trainer: Trainer
+) -> dict[str, Any]:
     """The fields of results.json every run has, before anything is measured."""
     trainable, total = count_parameters(model)
-    world_size = process_state().num_processes
+    previous = read_results(run.path) if args.resume and trainer.is_world_process_zero() else {}
     return {
         "status": "running",
         "mode": mode,
         "model": args.model,
-        "run_dir": str(run_dir),
-        "started_at": timestamp(),
+        "run_dir": str(run.path),
+        "started_at": previous.get("started_at") or timestamp(),
+        "resumed_from": str(run.checkpoint) if run.checkpoint else None,
         "config": vars(args),
         "environment": environment_info(),
         "precision": resolve_precision(args.precision),
-        "world_size": world_size,
-        "global_batch_size": args.batch_size * getattr(args, "gradient_accumulation_steps", 1) * world_size,
+        "world_size": trainer.args.world_size,
+        "peak_memory_is_max_over_processes": trainer.args.world_size > 1,
+        "gpus_per_process": trainer.args.n_gpu,
+        # train_batch_size counts every GPU a single process drives (the Trainer's DataParallel)
+        "global_batch_size": trainer.args.train_batch_size
+        * trainer.args.gradient_accumulation_steps
+        * trainer.args.world_size,
         "trainable_params": trainable if mode != "base" else 0,
         "total_params": total,
     }
@@ -202,7 +189,7 @@ def run_record(args: argparse.Namespace, mode: str, run_dir: Path, model: PreTra
 def evaluate_and_save_results(
     args: argparse.Namespace,
     results: dict[str, Any],
-    trainer: Trainer,
+    trainer: CheckedTrainer,
     tokenizer: PreTrainedTokenizerBase,
     splits: dict,
     data: dict[str, PackedBlocks],
@@ -214,6 +201,7 @@ def evaluate_and_save_results(
     test_loss = trainer.evaluate(data["test"], metric_key_prefix="test")["test_loss"]
     history = trainer.state.log_history
     results.update(
+        eval_time_s=trainer.clock.seconds["eval_time_s"],
         best_train_loss=best(history, "loss"),
         best_val_loss=best(history, "eval_loss"),
         val_loss=val_loss,
@@ -236,62 +224,80 @@ def evaluate_and_save_results(
             csv_path=run_dir / "generations.csv",
         )
     results.update(status="finished", finished_at=timestamp(), log_history=history)
-    atomic_write_json(run_dir / "results.json", results)
+    write_results(run_dir, results)
     plot_loss_curves(history, run_dir / "loss_curve.png", title=run_dir.name)
     print_run_summary(results, file=sys.stdout)
     return results
 
 
-def shared_run_name(args: argparse.Namespace, mode: str) -> str:
-    """The run name, decided by the main process so that every process writes to the same place."""
-    name = [args.run_name or f"{mode}-{timestamp()}"]
-    if process_state().num_processes > 1:
-        broadcast_object_list(name)
-    return name[0]
+def figures_so_far(trainer: CheckedTrainer, memory: PeakMemoryTracker, previous: dict[str, Any]) -> dict[str, Any]:
+    """What the run has measured up to now, over every session it ran (every process takes part)."""
+    cpu, gpu = memory.peaks()
+    peaks = {"peak_cpu_memory_mb": max_over_processes(cpu), "peak_gpu_memory_mb": max_over_processes(gpu)}
+    for key, value in peaks.items():  # a resumed run's peak covers the sessions before it too
+        peaks[key] = max((v for v in (value, previous.get(key)) if v is not None), default=None)
+    tokens = int(trainer.state.num_input_tokens_seen)  # every process's tokens, restored on resume
+    seconds = trainer.clock.seconds
+    return {
+        **seconds,
+        **peaks,
+        "optimizer_steps": trainer.state.global_step,
+        "train_tokens": tokens,
+        "train_tokens_per_s": tokens / seconds["train_time_s"] if seconds["train_time_s"] else None,
+    }
 
 
 def finetune(
     args: argparse.Namespace, mode: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
 ) -> dict[str, Any]:
     """Train `model` on the packed splits, measure the run, evaluate it, save it; return results.json's content."""
+    with claim_run(args, mode) as run:
+        return train_evaluate_save(args, mode, model, tokenizer, run)
+
+
+def train_evaluate_save(
+    args: argparse.Namespace,
+    mode: str,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    run: RunDirectory,
+) -> dict[str, Any]:
+    """finetune() inside the run directory it holds."""
     state = process_state()
-    if args.resume is None:
-        args.run_name = shared_run_name(args, mode)
+    args.run_name = run.path.name
     with state.main_process_first():  # one process prepares the data; the others read its cache
-        run_dir, checkpoint, previous = open_run_dir(args, mode)
-        args.run_name = run_dir.name
         splits, data = load_packed_splits(args, tokenizer)
-    trainer = build_trainer(args, model, data, run_dir)
+    trainer = build_trainer(args, model, data, run.path)
+    trainer.clock.start_from(run.figures)
     stop = StopOnSignal()
     trainer.add_callback(stop)
-    results = run_record(args, mode, run_dir, model) | {"resumed_from": checkpoint}
+    results = run_record(args, mode, run, model, trainer)
+    main = trainer.is_world_process_zero()
 
     with PeakMemoryTracker() as memory, stop:
-        start = time.perf_counter()
+
+        def record_checkpoint(checkpoint: Path) -> None:
+            figures = figures_so_far(trainer, memory, run.figures)
+            if main:
+                write_checkpoint_figures(checkpoint, figures)  # last: it marks the checkpoint complete
+                results.update(figures, checkpoint=str(checkpoint), log_history=trainer.state.log_history)
+                write_results(run.path, results)
+
+        trainer.checkpoint_saved = record_checkpoint
+        if main:
+            write_results(run.path, results | run.figures)
         try:
-            trainer.train(resume_from_checkpoint=checkpoint)
+            trainer.train_from(run.checkpoint)
         except torch.OutOfMemoryError as e:
             raise ToolError(
                 f"out of GPU memory at --batch_size {args.batch_size} (blocks of {args.block_size} tokens); "
                 "use a smaller --batch_size with more --gradient_accumulation_steps, or a smaller --block_size"
             ) from e
-        train_time = time.perf_counter() - start + previous.get("train_time_s", 0.0)
+        results.update(figures_so_far(trainer, memory, run.figures))
 
-    train_tokens = int(trainer.state.num_input_tokens_seen)  # every process's tokens, restored on resume
-    results.update(
-        train_time_s=train_time,
-        peak_gpu_memory_mb=max_over_processes(memory.peak_gpu_mb),
-        peak_cpu_memory_mb=max_over_processes(memory.peak_cpu_mb),
-        peak_memory_is_max_over_processes=state.num_processes > 1,
-        train_tokens=train_tokens,
-        train_tokens_per_s=train_tokens / train_time,
-        optimizer_steps=trainer.state.global_step,
-    )
-    for key in ("peak_gpu_memory_mb", "peak_cpu_memory_mb"):  # a resumed run's peak covers every session
-        results[key] = max((v for v in (results[key], previous.get(key)) if v is not None), default=None)
     if stop.received:
         raise interrupted(trainer, results, stop.received, mode)
-    results["model_size_mb"] = save_model(trainer, tokenizer, run_dir / ("adapter" if mode == "lora" else "model"))
+    results["model_size_mb"] = save_model(trainer, tokenizer, run.path / ("adapter" if mode == "lora" else "model"))
     return evaluate_and_save_results(args, results, trainer, tokenizer, splits, data)
 
 
@@ -309,7 +315,7 @@ def interrupted(trainer: Trainer, results: dict[str, Any], signal_name: str, mod
             best_val_loss=best(history, "eval_loss"),
             log_history=history,
         )
-        atomic_write_json(run_dir / "results.json", results)
+        write_results(run_dir, results)
     return RunInterrupted(
         f"interrupted by {signal_name} at step {step}; checkpoint saved in {run_dir / 'checkpoints'}. "
         f"Resume with: python main.py {mode} --resume --run_name {run_dir.name} --output_dir {run_dir.parent} "

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 import main as cli
 import training
+from run_directory import create_run_dir
+from utils import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,18 +78,21 @@ def test_sigterm_saves_a_checkpoint_and_resume_ends_with_the_uninterrupted_weigh
     resumed = json.loads((tmp_path / "stopped" / "results.json").read_text())
     assert resumed["status"] == "finished" and resumed["optimizer_steps"] == 12
     assert resumed["train_tokens"] == 12 * 4 * 32
+    # time continues from the checkpoint: it covers both sessions' steps, and saves and validation apart
+    assert resumed["train_time_s"] > stopped["train_time_s"] and resumed["checkpoint_time_s"] > 0
+    assert resumed["eval_time_s"] > 0
     straight, again = weights(tmp_path / "straight"), weights(tmp_path / "stopped")
     assert straight.keys() == again.keys()
     for name in straight:
         torch.testing.assert_close(again[name], straight[name], rtol=0, atol=1e-6)
 
 
-def test_resume_refuses_a_finished_run_and_a_run_without_checkpoints(trained_runs, common_flags, capsys):
+def test_resume_refuses_a_finished_run_and_a_missing_one(trained_runs, common_flags, capsys):
     out = trained_runs["output_dir"]
     assert cli.main(["full", *common_flags, "--output_dir", str(out), "--resume", "--run_name", "full-run"]) == 1
     assert "finished already" in capsys.readouterr().err
     assert cli.main(["full", *common_flags, "--output_dir", str(out), "--resume", "--run_name", "nothing"]) == 1
-    assert "no checkpoint to resume from" in capsys.readouterr().err
+    assert "there is no run nothing" in capsys.readouterr().err
 
 
 def test_a_loss_that_turns_non_finite_stops_the_run_naming_the_step(common_flags, tmp_path, capsys):
@@ -152,3 +159,29 @@ def test_accelerate_launch_runs_two_processes_that_write_one_run(common_flags, t
     results = json.loads((tmp_path / "acc" / "results.json").read_text())
     assert results["world_size"] == 2 and results["train_tokens"] == 4 * 2 * 2 * 32
     assert [p.name for p in tmp_path.iterdir()] == ["acc"]
+
+
+def test_default_run_names_are_unique_even_within_one_second(tmp_path):
+    first, second = create_run_dir(tmp_path, None, "lora"), create_run_dir(tmp_path, None, "lora")
+    assert first != second and first.is_dir() and second.is_dir()
+    assert second.name.startswith(first.name)  # lora-<timestamp>, then lora-<timestamp>-2
+
+
+def test_a_checkpoint_outside_a_run_directory_is_refused_in_one_line(common_flags, tmp_path, capsys):
+    stray = tmp_path / "copied" / "checkpoint-3"
+    stray.mkdir(parents=True)
+    assert cli.main(["full", *common_flags, "--output_dir", str(tmp_path / "out"), "--resume", str(stray)]) == 1
+    err = capsys.readouterr().err
+    assert "is not a checkpoint inside a run's checkpoints/ folder" in err and "--resume --run_name" in err
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["copied"]
+
+
+def test_results_files_are_strict_json_readable_by_others(tmp_path):
+    path = tmp_path / "results.json"
+    atomic_write_json(path, {"test_loss": float("nan"), "test_perplexity": math.inf, "steps": [1.5, -math.inf]})
+    assert json.loads(path.read_text(), parse_constant=pytest.fail) == {
+        "test_loss": None, "test_perplexity": None, "steps": [1.5, None]
+    }  # fmt: skip
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask  # as open() would make it, not mkstemp's 0600

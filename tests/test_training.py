@@ -19,7 +19,8 @@ from modeling import count_parameters, load_tokenizer
 RESULT_KEYS = {
     "mode", "model", "config", "environment", "trainable_params", "total_params", "model_size_mb", "train_time_s",
     "peak_gpu_memory_mb", "peak_cpu_memory_mb", "best_train_loss", "best_val_loss", "val_perplexity", "test_loss",
-    "test_perplexity", "train_tokens", "train_tokens_per_s", "metrics", "status",
+    "test_perplexity", "train_tokens", "train_tokens_per_s", "metrics", "status", "eval_time_s", "checkpoint_time_s",
+    "optimizer_steps", "global_batch_size", "world_size",
 }  # fmt: skip
 
 
@@ -51,6 +52,8 @@ def test_results_json_has_every_figure_with_sane_values(trained_runs):
         assert results["config"]["batch_size"] == 4 and results["config"]["block_size"] == 32
         assert 0 < results["trainable_params"] <= results["total_params"]
         assert results["model_size_mb"] > 0 and results["train_time_s"] > 0
+        assert results["eval_time_s"] > 0 and results["checkpoint_time_s"] > 0  # measured apart from training
+        assert results["world_size"] == 1 and results["global_batch_size"] == 4
         assert results["peak_gpu_memory_mb"] is None  # no CUDA here
         assert results["peak_cpu_memory_mb"] > 50
         assert results["train_tokens"] == 40 * 4 * 32  # steps x batch x block: every trained position is a token

@@ -1,0 +1,193 @@
+"""A run's directory over its life: a name no other run has, a lock held while the run is live, the durable
+record (results.json from the start, the figures measured so far in every checkpoint), and the checkpoint a
+resume starts from."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from utils import ToolError, atomic_write_json, timestamp
+
+RESULTS = "results.json"
+# Written last into every checkpoint, so its presence is what makes a checkpoint complete.
+CHECKPOINT_FIGURES = "run_figures.json"
+LOCK = ".lock"
+UNFINISHED = ("running", "interrupted")
+
+
+@dataclass
+class RunDirectory:
+    """An open run: its directory, the lock this process holds on it (main process only), the checkpoint it
+    resumes from and the figures measured up to that checkpoint (both empty for a run from step 0)."""
+
+    path: Path
+    checkpoint: Path | None = None
+    figures: dict[str, Any] = field(default_factory=dict)
+    lock: IO | None = None
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    def __enter__(self) -> RunDirectory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.lock:  # a process that dies loses the lock anyway; one that goes on (tests, a study) lets go here
+            self.lock.close()
+            self.lock = None
+
+
+def read_results(run_dir: Path) -> dict[str, Any]:
+    """The run's results.json ({} when it has none); a damaged one is an error that says what to do."""
+    path = Path(run_dir) / RESULTS
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError as e:
+        raise ToolError(f"{path} is damaged ({e}); move the run away or resume it with --resume CHECKPOINT") from e
+
+
+def write_results(run_dir: Path, results: dict[str, Any]) -> None:
+    atomic_write_json(Path(run_dir) / RESULTS, results)
+
+
+def take_lock(run_dir: Path) -> IO:
+    """Hold the run's lock for as long as this process lives (the kernel drops it when the process dies)."""
+    handle = (run_dir / LOCK).open("a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise ToolError(f"{run_dir} is in use by a run that is still going; wait for it or stop it first") from None
+    return handle
+
+
+def is_locked(run_dir: Path) -> bool:
+    if not (run_dir / LOCK).is_file():
+        return False
+    with (run_dir / LOCK).open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
+
+
+def create_run_dir(output_dir: Path, run_name: str | None, mode: str) -> Path:
+    """A new, empty run directory: `run_name`, or `<mode>-<timestamp>` made unique with a suffix.
+
+    Creating the directory is the atomic claim, so two runs started in the same second get two directories.
+    """
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if run_name:
+        path = output_dir / run_name
+        if path.exists() and any(path.iterdir()):
+            raise ToolError(
+                f"{path} holds another run (finished or not); continue it with --resume --run_name {run_name}, "
+                "or choose another --run_name"
+            )
+        path.mkdir(exist_ok=True)
+        return path
+    stem = f"{mode}-{timestamp()}"
+    for suffix in range(1, 1000):
+        path = output_dir / (stem if suffix == 1 else f"{stem}-{suffix}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise ToolError(f"could not find a free run name like {stem} under {output_dir}; pass --run_name")
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.rsplit("-", 1)[1])
+
+
+def newest_complete_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest checkpoint whose save finished; incomplete ones (a kill during a save) are named and removed."""
+    if not checkpoints.is_dir():
+        return None
+    candidates = [p for p in checkpoints.glob("checkpoint-*") if p.name.rsplit("-", 1)[1].isdigit()]
+    for path in sorted(candidates, key=checkpoint_step, reverse=True):
+        if (path / CHECKPOINT_FIGURES).is_file():
+            return path
+        print(f"skipping {path}: its save did not finish (no {CHECKPOINT_FIGURES}); removing it", file=sys.stderr)
+        shutil.rmtree(path, ignore_errors=True)
+    return None
+
+
+def checkpoint_figures(checkpoint: Path) -> dict[str, Any]:
+    return json.loads((checkpoint / CHECKPOINT_FIGURES).read_text())
+
+
+def write_checkpoint_figures(checkpoint: Path, figures: dict[str, Any]) -> None:
+    atomic_write_json(checkpoint / CHECKPOINT_FIGURES, figures)
+
+
+def latest_unfinished_run(output_dir: Path, mode: str) -> Path:
+    """The most recently written `mode` run that did not finish and is not running now."""
+    runs = []
+    for path in output_dir.glob(f"*/{RESULTS}"):
+        results = read_results(path.parent)
+        if results.get("mode") == mode and results.get("status") in UNFINISHED and not is_locked(path.parent):
+            runs.append(path.parent)
+    if not runs:
+        raise ToolError(f"no unfinished {mode} run under {output_dir} to resume; name one with --run_name")
+    return max(runs, key=lambda d: (d / RESULTS).stat().st_mtime)
+
+
+def run_to_resume(output_dir: Path, run_name: str | None, resume: str, mode: str) -> Path:
+    """The directory `--resume [CHECKPOINT]` points at: CHECKPOINT's run, --run_name, or the latest unfinished."""
+    if resume != "latest":
+        checkpoint = Path(resume).resolve()
+        run_dir = checkpoint.parent.parent
+        if checkpoint.parent.name != "checkpoints" or not (run_dir / RESULTS).is_file():
+            raise ToolError(
+                f"{resume} is not a checkpoint inside a run's checkpoints/ folder; "
+                "resume a run with --resume --run_name NAME"
+            )
+        return run_dir
+    if run_name:
+        run_dir = output_dir / run_name
+        if not run_dir.is_dir():
+            raise ToolError(f"there is no run {run_name} under {output_dir} to resume")
+        return run_dir
+    return latest_unfinished_run(output_dir, mode)
+
+
+def open_run(output_dir: Path, run_name: str | None, resume: str | None, mode: str) -> RunDirectory:
+    """Claim a run directory for this process: a new one, or an unfinished one to continue.
+
+    A resumed run continues from its newest complete checkpoint (or the CHECKPOINT given), with the figures
+    measured up to it; with none it starts over from step 0 in the same directory. A finished run, or one
+    that another live process holds, is refused.
+    """
+    if resume is None:
+        path = create_run_dir(output_dir, run_name, mode)
+        return RunDirectory(path, lock=take_lock(path))
+    path = run_to_resume(output_dir, run_name, resume, mode)
+    run = RunDirectory(path, lock=take_lock(path))
+    try:
+        if read_results(path).get("status") == "finished":
+            raise ToolError(f"{path} finished already; there is nothing to resume")
+        if resume != "latest":
+            run.checkpoint = Path(resume).resolve()
+            if not (run.checkpoint / CHECKPOINT_FIGURES).is_file():
+                raise ToolError(f"{resume} is not a complete checkpoint (no {CHECKPOINT_FIGURES}); use --resume alone")
+        else:
+            run.checkpoint = newest_complete_checkpoint(run.checkpoints)
+    except ToolError:
+        run.__exit__()
+        raise
+    if run.checkpoint is None:
+        print(f"{path} has no complete checkpoint: starting it over from step 0", file=sys.stderr)
+    else:
+        run.figures = checkpoint_figures(run.checkpoint)
+    return run
