@@ -26,8 +26,9 @@ class LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of `hidden @ weight.T` against `targets` (IGNORE_INDEX skipped), chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, grad: bool) -> torch.Tensor:
+        # `grad`: whether autograd records this call (needs_input_grad says True under no_grad too)
+        want_hidden, want_weight = grad and ctx.needs_input_grad[0], grad and ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = torch.zeros_like(weight) if want_weight else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -55,7 +56,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         # Each saved gradient is used once: scale it in place rather than copy 154 MB (GPT-2's head).
-        return *(None if g is None else g.mul_(grad_output) for g in ctx.saved_tensors), None
+        return *(None if g is None else g.mul_(grad_output) for g in ctx.saved_tensors), None, None
 
 
 def chunked_causal_lm_loss(
@@ -69,7 +70,7 @@ def chunked_causal_lm_loss(
     hidden = lm.base_model(**body_inputs, use_cache=False).last_hidden_state
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     targets = labels[:, 1:].reshape(-1)
-    total = LinearCrossEntropy.apply(hidden, lm.get_output_embeddings().weight, targets)
+    total = LinearCrossEntropy.apply(hidden, lm.get_output_embeddings().weight, targets, torch.is_grad_enabled())
     count = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE_INDEX).sum()
     return total / count
 
