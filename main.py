@@ -166,6 +166,12 @@ def training_flags(learning_rate: float | None, weight_decay: float | None) -> a
     g.add_argument(
         "--report_to", type=tracker, default="none", help=f"experiment tracker: {'|'.join(TRACKERS)} (default: none)"
     )
+    g.add_argument(
+        "--activation_checkpointing",
+        "--gradient_checkpointing",
+        action="store_true",
+        help="keep only each layer's input and recompute the rest in the backward pass: less memory, more compute",
+    )
     g = p.add_argument_group("checkpoints and scale-out")
     g.add_argument(
         "--save_steps", type=positive_int, help="checkpoint every N steps (default: every epoch and the end)"

@@ -126,6 +126,9 @@ def build_trainer(
         save_steps=args.save_steps,
         save_total_limit=None,  # CheckedTrainer rotates, once a new checkpoint is marked complete
         torch_compile=args.compile,
+        activation_checkpointing=args.activation_checkpointing,
+        # Non-reentrant: gradients reach LoRA's adapters even though the frozen layers' inputs need none.
+        activation_checkpointing_kwargs={"use_reentrant": False},
         fsdp=args.fsdp or None,
         fsdp_config=args.fsdp_config,
         deepspeed=args.deepspeed,

@@ -5,7 +5,7 @@ labels over the padding, and generation one example at a time. Both sides share 
 the batch size and the number of optimizer steps. Each training measurement runs in a fresh process so that
 its peak memory is its own.
 
-    python bench/run.py --quick      # small GPT-2, a few steps: under 3 minutes on 2 CPU cores
+    python bench/run.py --quick      # a 2-layer GPT-2: under 3 minutes on 2 CPU cores
     python bench/run.py              # GPT-2 small from its config
 """
 
@@ -24,6 +24,7 @@ from types import SimpleNamespace
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: the tool's modules live one level up
 
+import psutil  # noqa: E402
 import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback  # noqa: E402
@@ -41,17 +42,23 @@ from generation import generate_continuations  # noqa: E402
 from lora_finetuning import add_lora_adapters  # noqa: E402
 from modeling import load_tokenizer  # noqa: E402
 from training import PeakMemoryTracker, build_trainer, resolve_precision  # noqa: E402
-from utils import atomic_write_json, atomic_write_text, environment_info, timestamp  # noqa: E402
+from utils import MIB, atomic_write_json, atomic_write_text, environment_info, one_line, timestamp  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 QUICK_SHAPE = {"n_layer": 2, "n_embd": 128, "n_head": 2}
+MODES = ("full", "lora")
+VARIANTS = {"plain": (), "checkpointing": ("--activation_checkpointing",), "compile": ("--compile",)}
 
 
 def parse_args() -> argparse.Namespace:
     default_model = SHARED / "gpt2-offline"
     default_text = SHARED / "wikitext-2-raw-v1" / "wiki.test.raw"
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a 2-layer, 128-wide GPT-2 and fewer steps and examples")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a 2-layer, 128-wide GPT-2, fewer generation examples, no --compile measurement",
+    )
     p.add_argument(
         "--model",
         default=str(default_model) if default_model.is_dir() else "gpt2",
@@ -64,12 +71,18 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--block_size", type=int, default=512)
     p.add_argument("--batch_size", type=int, default=4)
-    p.add_argument("--steps", type=int, help="optimizer steps per training measurement (default: 6, quick 4)")
+    p.add_argument("--steps", type=int, help="timed optimizer steps per training measurement (default: 4)")
     p.add_argument("--examples", type=int, help="generation examples (default: 48, quick 8)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    p.add_argument(
+        "--compile_limit",
+        type=float,
+        default=150,
+        help="seconds a --compile measurement may take before it counts as failed (default: 150)",
+    )
     p.add_argument("--out_dir", default=str(ROOT / "bench" / "results"))
     args = p.parse_args()
-    args.steps = args.steps or (4 if args.quick else 6)
+    args.steps = args.steps or 4
     args.examples = args.examples or (8 if args.quick else 48)
     return args
 
@@ -83,11 +96,12 @@ def load_rows(text: str | None) -> list[str]:
     return load_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", split="test")["text"]
 
 
-def recipe_flags(args: argparse.Namespace, mode: str) -> argparse.Namespace:
-    """The tool's own flags and defaults for `mode`, as a user running this many steps would get them."""
+def recipe_flags(args: argparse.Namespace, mode: str, extra: tuple[str, ...] = ()) -> argparse.Namespace:
+    """The tool's own flags and defaults for `mode`, as a user running this many steps would get them, plus
+    `extra` flags (e.g. --activation_checkpointing)."""
     argv = [mode, "--batch_size", str(args.batch_size), "--block_size", str(args.block_size)]
     argv += ["--max_steps", str(args.steps + 1), "--precision", args.precision, "--logging_steps", "1000000"]
-    return cli.build_parser().parse_args(argv)
+    return cli.build_parser().parse_args(argv + list(extra))
 
 
 def model_config(args: argparse.Namespace):
@@ -152,23 +166,30 @@ class StepClock(TrainerCallback):
 
 
 def flops_per_token(model: torch.nn.Module, config, block_size: int, lora: bool) -> float:
-    """Training FLOPs per token: 6N + 12 L d T (PaLM's count), or 4N + 8 L d T with frozen weights (no
-    weight gradients). N excludes the position embedding, a lookup; the tied token embedding counts once, as
-    the output projection it also is."""
+    """Training FLOPs per token: 6N + 12 L d T (PaLM's count), or 4N + 12 L d T with frozen weights (no weight
+    gradients; attention has no weights, so its backward pass costs what it costs in full fine-tuning). N excludes
+    the position embedding, a lookup; the tied token embedding counts once, as the output projection it also is."""
     n = sum(p.numel() for p in model.parameters()) - config.n_positions * config.n_embd
-    attention = 12 * config.n_layer * config.n_embd * block_size
-    return (4 * n + attention * 2 / 3) if lora else (6 * n + attention)
+    return (4 if lora else 6) * n + 12 * config.n_layer * config.n_embd * block_size
 
 
 def train_measurement(job: dict) -> dict:
-    """One training run (ours or seed-style, full or LoRA) in this process; tokens/s after a warm-up step."""
+    """One training run (ours or seed-style, full or LoRA, with the job's extra flags) in this process; tokens/s
+    after a warm-up step. A run that fails (e.g. --compile without a working compiler) returns its error."""
+    try:
+        return timed_training(job)
+    except Exception as e:  # torch.compile raises many types; the benchmark reports them and goes on
+        return {"error": one_line(e)}
+
+
+def timed_training(job: dict) -> dict:
     args = SimpleNamespace(**job["args"])
     torch.set_num_threads(job["threads"])
     train = training_datasets(load_rows(args.text), load_tokenizer(args.model), args.block_size)[job["pipeline"]]
     lora = job["mode"] == "lora"
     model = build_model(args, lora)
     with tempfile.TemporaryDirectory() as tmp:
-        flags = recipe_flags(args, job["mode"])
+        flags = recipe_flags(args, job["mode"], job["extra"])
         trainer = build_trainer(flags, model, {"train": train, "validation": train}, Path(tmp))
         trainer.args.save_strategy = "no"  # checkpoints are not what is measured here
         if job["pipeline"] == "seed_style":
@@ -177,6 +198,7 @@ def train_measurement(job: dict) -> dict:
         trainer.args.disable_tqdm = True
         clock = StepClock()
         trainer.add_callback(clock)
+        resident_before = psutil.Process().memory_info().rss / MIB  # the weights, the libraries, the data
         with PeakMemoryTracker() as memory:
             trainer.train()
     timed = clock.steps[1:]  # the first step pays for allocation and kernel selection
@@ -186,9 +208,12 @@ def train_measurement(job: dict) -> dict:
         "real_tokens_per_s": tokens / seconds,
         "positions_per_s": positions / seconds,
         "step_s_median": median(s for s, _ in timed),
+        "first_step_s": clock.steps[0][0],
         "flop_per_s": positions / seconds * flops_per_token(model, model_config(args), args.block_size, lora),
+        "cpu_memory_before_training_mb": resident_before,
         "peak_cpu_memory_mb": memory.peak_cpu_mb,
         "peak_gpu_memory_mb": memory.peak_gpu_mb,
+        "peak_memory_mb": memory.peak_gpu_mb if memory.peak_gpu_mb is not None else memory.peak_cpu_mb,
     }
 
 
@@ -204,6 +229,17 @@ def matmul_peak_flops(width: int, tokens: int, dtype: torch.dtype, device: str, 
         if device == "cuda":
             torch.cuda.synchronize()
         best = max(best, 5 * 2 * tokens * width * 4 * width / (time.perf_counter() - start))
+    return best
+
+
+def memory_read_bandwidth(device: str, gib: float = 1.0, seconds: float = 2.0) -> float:
+    """Best measured bytes/s of summing a `gib` GiB fp32 tensor: the rate at which weights stream from memory."""
+    x = torch.ones(int(gib * 2**30 / 4), device=device)
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        x.sum().item()
+        best = max(best, x.numel() * 4 / (time.perf_counter() - start))
     return best
 
 
@@ -236,6 +272,24 @@ def data_prep_seconds(rows: list[str], tokenizer, block_size: int) -> dict[str, 
     return timings
 
 
+def ratio(faster: dict, slower: dict) -> float | None:
+    """How many times the first run's tokens/s the second's is; None when either failed."""
+    if "error" in faster or "error" in slower:
+        return None
+    return faster["real_tokens_per_s"] / slower["real_tokens_per_s"]
+
+
+def compile_seconds(runs: dict) -> float | None:
+    """Compilation time: the compiled run's first step beyond the plain run's first step."""
+    if "error" in runs["compile"]:
+        return None
+    return runs["compile"]["first_step_s"] - runs["plain"]["first_step_s"]
+
+
+def variant_row(label: str, factor: float | None) -> list[str]:
+    return [label, "", "", "failed" if factor is None else f"{factor:.2f}x"]
+
+
 def comparison_row(
     label: str, ours: float, baseline: float | None = None, fmt: str = "{:,.0f}", higher_is_better: bool = True
 ) -> list[str]:
@@ -262,14 +316,28 @@ def main() -> None:
     }
     prep = data_prep_seconds(rows, tokenizer, args.block_size)
     spawn = multiprocessing.get_context("spawn")
-    train: dict = {}
-    for mode in ("full", "lora"):
-        for pipeline in ("ours", "seed_style"):
-            job = {"args": vars(args), "mode": mode, "pipeline": pipeline, "threads": threads}
-            with spawn.Pool(1) as pool:
-                train.setdefault(mode, {})[pipeline] = pool.apply(train_measurement, (job,))
-            print(f"  trained {mode:4} {pipeline:10}: {train[mode][pipeline]['real_tokens_per_s']:,.0f} real tokens/s")
+    runs: dict = {}
+    # Each variant beside its plain run, so that the machine's load drifts as little as possible between them.
+    order = [(m, "ours", v) for m in MODES for v in ("plain", "checkpointing")]
+    order += [(m, "seed_style", "plain") for m in MODES] + [(m, "ours", "compile") for m in MODES if not args.quick]
+    runs |= {(m, "ours", "compile"): {"error": "not measured with --quick"} for m in MODES if args.quick}
+    for mode, pipeline, variant in order:
+        job = {"args": vars(args), "mode": mode, "pipeline": pipeline, "extra": VARIANTS[variant], "threads": threads}
+        with spawn.Pool(1) as pool:  # leaving the block ends the process, also one still compiling
+            pending = pool.apply_async(train_measurement, (job,))
+            try:
+                run = pending.get(timeout=args.compile_limit if variant == "compile" else None)
+            except multiprocessing.TimeoutError:
+                run = {"error": f"took more than {args.compile_limit:.0f} s (--compile_limit)"}
+            runs[mode, pipeline, variant] = run
+        done = run["error"] if "error" in run else f"{run['real_tokens_per_s']:,.0f} real tokens/s"
+        print(f"  trained {mode:4} {pipeline:10} {variant:13}: {done}")
+    if any("error" in run for (_, _, variant), run in runs.items() if variant != "compile"):
+        raise SystemExit("a training measurement failed; see above")  # only --compile may fail and be reported
+    train = {m: {p: runs[m, p, "plain"] for p in ("ours", "seed_style")} for m in MODES}
+    variants = {m: {v: runs[m, "ours", v] for v in VARIANTS} for m in MODES}
     peak = matmul_peak_flops(config.n_embd, args.batch_size * args.block_size, dtype, device)
+    bandwidth = memory_read_bandwidth(device)
     generation = generation_speed(args, rows, tokenizer)
 
     results = {
@@ -280,9 +348,18 @@ def main() -> None:
         "generation_identical_hypotheses": generation["identical_hypotheses"],
         "peak_cpu_memory_mb": {m: train[m]["ours"]["peak_cpu_memory_mb"] for m in train},
         "peak_gpu_memory_mb": {m: train[m]["ours"]["peak_gpu_memory_mb"] for m in train},
+        "peak_memory_mb": {
+            m: {v: variants[m][v].get("peak_memory_mb") for v in ("plain", "checkpointing")} for m in MODES
+        },
+        "checkpointing_slowdown": {m: ratio(variants[m]["plain"], variants[m]["checkpointing"]) for m in MODES},
+        "compile_speedup": {m: ratio(variants[m]["compile"], variants[m]["plain"]) for m in MODES},
+        "compile_error": {m: variants[m]["compile"].get("error") for m in MODES},
+        "compile_time_s": {m: compile_seconds(variants[m]) for m in MODES},
         "data_prep_s": prep,
         "matmul_peak_flop_per_s": peak,
+        "memory_read_bytes_per_s": bandwidth,
         "training": train,
+        "training_variants": variants,
         "model_config": {k: getattr(config, k) for k in ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size")},
         "block_size": args.block_size,
         "batch_size": args.batch_size,
@@ -310,6 +387,20 @@ def main() -> None:
         ),
         ["Identical hypotheses", str(generation["identical_hypotheses"]), "", ""],
         *[comparison_row(f"{m} training peak CPU memory (MB)", train[m]["ours"]["peak_cpu_memory_mb"]) for m in train],
+        *[
+            comparison_row(
+                f"{m} peak memory (MB), activation checkpointing vs plain",
+                results["peak_memory_mb"][m]["checkpointing"],
+                results["peak_memory_mb"][m]["plain"],
+                higher_is_better=False,
+            )
+            for m in MODES
+        ],
+        *[
+            variant_row(f"{m} tokens/s cost of activation checkpointing", results["checkpointing_slowdown"][m])
+            for m in MODES
+        ],
+        *[variant_row(f"{m} tokens/s, --compile vs plain", results["compile_speedup"][m]) for m in MODES],
         comparison_row(
             "Data preparation s (warm vs cold cache)", prep["warm"], prep["cold"], fmt="{:.3f}", higher_is_better=False
         ),
@@ -318,7 +409,7 @@ def main() -> None:
     header = (
         f"{config.n_layer} layers x {config.n_embd} wide, block {args.block_size}, batch {args.batch_size}, "
         f"{args.steps} timed steps, {precision} on {device} ({threads} threads); matmul peak "
-        f"{peak / 1e9:,.1f} GFLOP/s"
+        f"{peak / 1e9:,.1f} GFLOP/s, memory read {bandwidth / 1e9:,.1f} GB/s"
     )
     print(header)
     print(markdown)

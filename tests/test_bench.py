@@ -29,6 +29,12 @@ def test_quick_benchmark_writes_every_figure(tiny_model_dir, data_dir, tmp_path)
     for mode in ("full", "lora"):
         assert set(results["train_tokens_per_s"][mode]) == {"ours", "seed_style"}
         assert results["train_flops_share_of_peak"][mode] > 0 and results["peak_cpu_memory_mb"][mode] > 0
+    for mode in ("full", "lora"):
+        assert all(results["peak_memory_mb"][mode][v] > 0 for v in ("plain", "checkpointing"))
+        assert results["checkpointing_slowdown"][mode] > 0
+        compiled, error = results["compile_speedup"][mode], results["compile_error"][mode]
+        assert (compiled is None) == (error is not None)  # a speedup, or the reason there is none
+    assert results["matmul_peak_flop_per_s"] > 0 and results["memory_read_bytes_per_s"] > 0
     assert set(results["generation_examples_per_s"]) == {"batched", "sequential"}
     assert results["generation_identical_hypotheses"] is True
     assert set(results["data_prep_s"]) == {"cold", "warm"}
