@@ -92,5 +92,6 @@ def trained_runs(common_flags: list[str], tmp_path_factory: pytest.TempPathFacto
     out = tmp_path_factory.mktemp("results")
     flags = [*common_flags, "--output_dir", str(out), "--max_steps", "40", "--logging_steps", "5"]
     assert cli.main(["full", *flags, "--run_name", "full-run", "--learning_rate", "3e-3"]) == 0
-    assert cli.main(["lora", *flags, "--run_name", "lora-run", "--learning_rate", "3e-2"]) == 0
+    # 1e-2: LoRA at 3e-2 (alpha/rank 8) is unstable on this model, and float noise then decides where it ends
+    assert cli.main(["lora", *flags, "--run_name", "lora-run", "--learning_rate", "1e-2"]) == 0
     return {"full": out / "full-run", "lora": out / "lora-run", "output_dir": out}
