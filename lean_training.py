@@ -104,11 +104,24 @@ def fuse_gelu(model: torch.nn.Module) -> None:
 
 class LeanTrainingMixin(Trainer):
     """A Trainer that fuses the model's GELU and computes a causal LM's loss in chunks, where either is exactly the
-    model's own computation; the Trainer's own otherwise."""
+    model's own computation (tested there: one process, fp32); the Trainer's own otherwise."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        fuse_gelu(self.model)
+        if self.lean_applies():
+            fuse_gelu(self.model)
+
+    def lean_applies(self) -> bool:
+        """One process in fp32, no sharding engine, the Trainer's plain loss: the case shown to give the model's own
+        numbers (mixed precision autocasts only the model's forward, and several processes rescale the loss)."""
+        args = self.args
+        return (
+            args.world_size == 1
+            and not (args.bf16 or args.fp16)
+            and not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
+            and self.label_smoother is None
+            and self.compute_loss_func is None
+        )
 
     def compute_loss(
         self,
@@ -118,7 +131,8 @@ class LeanTrainingMixin(Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
         # The Trainer hands `model` wrapped (DDP, FSDP, DeepSpeed, torch.compile) when it wrapped it.
-        if "labels" not in inputs or model is not self.model or not supports_chunked_loss(model):
+        lean = "labels" in inputs and model is self.model and supports_chunked_loss(model) and self.lean_applies()
+        if not lean:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss = chunked_causal_lm_loss(model, inputs, num_items_in_batch)
         return (loss, CausalLMOutput(loss=loss)) if return_outputs else loss

@@ -105,7 +105,7 @@ def test_compare_prints_both_runs_and_writes_markdown_and_csv(trained_runs, caps
     lora = json.loads((trained_runs["lora"] / "results.json").read_text())
     assert f"{lora['trainable_params']:,}" in printed
     assert (out / "comparison.md").read_text().strip() == printed.strip()
-    assert "- learning_rate: full (full-run) 0.003; lora (lora-run) 0.03" in printed
+    assert "- learning_rate: full (full-run) 0.003; lora (lora-run) 0.01" in printed
     assert (out / "comparison.csv").read_text().startswith("Metric,full (full-run),lora (lora-run)")
 
 

@@ -91,3 +91,13 @@ def test_activation_checkpointing_accepts_its_common_alias():
     args = cli.build_parser().parse_args(["lora", "--gradient_checkpointing"])
     assert args.activation_checkpointing is True
     assert cli.build_parser().parse_args(["full"]).activation_checkpointing is False
+
+
+def test_a_bf16_run_keeps_the_models_own_loss_and_gelu(common_flags, tiny_model_dir, data_dir, tmp_path):
+    """Autocast wraps only the model's own forward, so in mixed precision the lean path would run in fp32."""
+    args = cli.build_parser().parse_args(["full", *common_flags, "--precision", "bf16", "--max_steps", "1"])
+    model = deterministic_model(tiny_model_dir, args)
+    batch = one_batch(tiny_model_dir, data_dir)
+    trainer = build_trainer(args, model, {"train": batch, "validation": batch}, tmp_path)
+    assert not trainer.lean_applies()
+    assert any(isinstance(m, NewGELUActivation) for m in model.modules())
