@@ -5,7 +5,7 @@ labels over the padding, and generation one example at a time. Both sides share 
 the batch size and the number of optimizer steps. Each training measurement runs in a fresh process so that
 its peak memory is its own.
 
-    python bench/run.py --quick      # a 2-layer GPT-2: under 3 minutes on 2 CPU cores
+    python bench/run.py --quick      # a 2-layer GPT-2 and fewer steps and examples
     python bench/run.py              # GPT-2 small from its config
 """
 
