@@ -30,6 +30,7 @@ class RunDirectory:
     checkpoint: Path | None = None
     figures: dict[str, Any] = field(default_factory=dict)
     lock: IO | None = None
+    started_at: str | None = None  # when the run's first session began (main process only)
 
     @property
     def checkpoints(self) -> Path:
@@ -218,9 +219,11 @@ def open_run(output_dir: Path, run_name: str | None, resume: str | None, mode: s
                     f"{path} holds another run (finished or not); continue it with --resume --run_name {path.name}, "
                     "or choose another --run_name"
                 )
-            write_results(path, {"status": "running", "mode": mode, "started_at": timestamp()})
+            run.started_at = timestamp()
+            write_results(path, {"status": "running", "mode": mode, "started_at": run.started_at})
             return run
         previous = read_results(path)
+        run.started_at = previous.get("started_at")
         if previous.get("status") == "finished":
             raise ToolError(f"{path} finished already; there is nothing to resume")
         if previous.get("mode", mode) != mode:

@@ -21,7 +21,7 @@ from measurement import PeakMemoryTracker, best, max_over_processes, perplexity
 from modeling import count_parameters
 from report import method_name, print_run_summary
 from run_control import CheckedTrainer, RunInterrupted, StopOnSignal
-from run_directory import RunDirectory, mark_failed, open_run, read_results, write_checkpoint_figures, write_results
+from run_directory import RunDirectory, mark_failed, open_run, write_checkpoint_figures, write_results
 from utils import MIB, ToolError, environment_info, make_durable, timestamp
 
 
@@ -169,14 +169,13 @@ def run_record(
 ) -> dict[str, Any]:
     """The fields of results.json every run has, before anything is measured."""
     trainable, total = count_parameters(model)
-    previous = read_results(run.path) if args.resume and trainer.is_world_process_zero() else {}
     return {
         "status": "running",
         "mode": mode,
         "method": method_name(mode, vars(args)),
         "model": args.model,
         "run_dir": str(run.path),
-        "started_at": previous.get("started_at") or timestamp(),
+        "started_at": run.started_at or timestamp(),
         "resumed_from": str(run.checkpoint) if run.checkpoint else None,
         "config": vars(args),
         "environment": environment_info(),
