@@ -40,8 +40,9 @@ from data import (  # noqa: E402  # noqa: E402
 )
 from generation import generate_continuations  # noqa: E402
 from lora_finetuning import add_lora_adapters  # noqa: E402
+from measurement import PeakMemoryTracker, synchronize  # noqa: E402
 from modeling import load_tokenizer  # noqa: E402
-from training import PeakMemoryTracker, build_trainer, resolve_precision  # noqa: E402
+from training import build_trainer, resolve_precision  # noqa: E402
 from utils import MIB, atomic_write_json, atomic_write_text, environment_info, one_line, timestamp  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
@@ -160,8 +161,7 @@ class StepClock(TrainerCallback):
         self._start, self._tokens = time.perf_counter(), state.num_input_tokens_seen
 
     def on_step_end(self, args, state, control, **kwargs):
-        if args.device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(args.device)
         self.steps.append((time.perf_counter() - self._start, state.num_input_tokens_seen - self._tokens))
 
 
