@@ -38,7 +38,7 @@ from data import (  # noqa: E402  # noqa: E402
     tokenize_rows,
     tokenizer_fingerprint,
 )
-from generation import generate_continuations  # noqa: E402
+from generation import batch_by_budget_and_length, generate_continuations  # noqa: E402
 from lora_finetuning import add_lora_adapters  # noqa: E402
 from measurement import PeakMemoryTracker, synchronize  # noqa: E402
 from modeling import load_tokenizer  # noqa: E402
@@ -167,10 +167,15 @@ class StepClock(TrainerCallback):
 
 def flops_per_token(model: torch.nn.Module, config, block_size: int, lora: bool) -> float:
     """Training FLOPs per token: 6N + 12 L d T (PaLM's count), or 4N + 12 L d T with frozen weights (no weight
-    gradients; attention has no weights, so its backward pass costs what it costs in full fine-tuning). N excludes
-    the position embedding, a lookup; the tied token embedding counts once, as the output projection it also is."""
-    n = sum(p.numel() for p in model.parameters()) - config.n_positions * config.n_embd
-    return (4 if lora else 6) * n + 12 * config.n_layer * config.n_embd * block_size
+    gradients; attention has no weights, so its backward pass costs what it costs in full fine-tuning); N is
+    `matmul_params`."""
+    return (4 if lora else 6) * matmul_params(model, config) + 12 * config.n_layer * config.n_embd * block_size
+
+
+def matmul_params(model: torch.nn.Module, config) -> int:
+    """Parameters a token multiplies through: all but the position embedding, a lookup (the tied token
+    embedding counts once, as the output projection it also is)."""
+    return sum(p.numel() for p in model.parameters()) - config.n_positions * config.n_embd
 
 
 def train_measurement(job: dict) -> dict:
@@ -243,22 +248,57 @@ def memory_read_bandwidth(device: str, gib: float = 1.0, seconds: float = 2.0) -
     return best
 
 
-def generation_speed(args: argparse.Namespace, rows: list[str], tokenizer) -> dict:
+def generation_roofline_s(
+    model: torch.nn.Module,
+    lengths: list[int],
+    budgets: list[int],
+    num_beams: int,
+    batch_size: int,
+    peak: float,
+    bandwidth: float,
+) -> float:
+    """Least time `generate_continuations` could take here: each forward pass of a batch of beams lasts at least
+    the longer of its matmul FLOPs at the measured peak and its reads (every weight once, and each beam's
+    key-value cache) at the measured bandwidth. Every budget is spent in full; the prompt is run for each beam, as
+    generate() does; attention's FLOPs (under 2% at these lengths) are left out."""
+    config = model.config
+    n = matmul_params(model, config)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    cache_bytes_per_position = 2 * config.n_layer * config.n_embd * next(model.parameters()).element_size()
+    seconds = 0.0
+    for budget, batch in batch_by_budget_and_length(budgets, lengths, batch_size):
+        sequences = num_beams * len(batch)
+        prompt = min(max(lengths[i] for i in batch), config.n_positions - budget)
+        seconds += max(weight_bytes / bandwidth, 2 * n * sequences * prompt / peak)
+        for context in range(prompt + 1, prompt + budget):  # one pass per new token after the first
+            reads = weight_bytes + sequences * context * cache_bytes_per_position
+            seconds += max(reads / bandwidth, 2 * n * sequences / peak)
+    return seconds
+
+
+def generation_speed(args: argparse.Namespace, rows: list[str], tokenizer, peak: float, bandwidth: float) -> dict:
     from datasets import Dataset
 
     model = build_model(args, lora=False).to("cuda" if torch.cuda.is_available() else "cpu")
     pairs = prompt_reference_pairs(Dataset.from_dict({"text": rows}), args.examples)
     prompts = [p for p, _ in pairs]
+    lengths = [len(ids) for ids in tokenizer(prompts, verbose=False)["input_ids"]]
     budgets = [32] * len(prompts)  # one shared budget keeps the comparison about batching alone
     defaults = recipe_flags(args, "full")  # the tool's beam width and generation batch size
-    timings, outputs = {}, {}
+    seconds, roofline, outputs = {}, {}, {}
     for name, batch_size in (("batched", defaults.eval_batch_size), ("sequential", 1)):
         start = time.perf_counter()
         outputs[name] = generate_continuations(
             model, tokenizer, prompts, budgets, num_beams=defaults.num_beams, batch_size=batch_size
         )
-        timings[name] = len(prompts) / (time.perf_counter() - start)
-    return {"examples_per_s": timings, "identical_hypotheses": outputs["batched"] == outputs["sequential"]}
+        seconds[name] = time.perf_counter() - start
+        roofline[name] = generation_roofline_s(model, lengths, budgets, defaults.num_beams, batch_size, peak, bandwidth)
+    return {
+        "examples_per_s": {k: len(prompts) / s for k, s in seconds.items()},
+        "roofline_s": roofline,
+        "share_of_roofline": {k: roofline[k] / s for k, s in seconds.items()},
+        "identical_hypotheses": outputs["batched"] == outputs["sequential"],
+    }
 
 
 def data_prep_seconds(rows: list[str], tokenizer, block_size: int) -> dict[str, float]:
@@ -301,6 +341,7 @@ def comparison_row(
 
 
 def main() -> None:
+    started = time.perf_counter()
     args = parse_args()
     threads = torch.get_num_threads()
     tokenizer = load_tokenizer(args.model)
@@ -338,7 +379,7 @@ def main() -> None:
     variants = {m: {v: runs[m, "ours", v] for v in VARIANTS} for m in MODES}
     peak = matmul_peak_flops(config.n_embd, args.batch_size * args.block_size, dtype, device)
     bandwidth = memory_read_bandwidth(device)
-    generation = generation_speed(args, rows, tokenizer)
+    generation = generation_speed(args, rows, tokenizer, peak, bandwidth)
 
     results = {
         "batch_efficiency": efficiency,
@@ -346,6 +387,9 @@ def main() -> None:
         "train_flops_share_of_peak": {m: train[m]["ours"]["flop_per_s"] / peak for m in train},
         "generation_examples_per_s": generation["examples_per_s"],
         "generation_identical_hypotheses": generation["identical_hypotheses"],
+        "generation_roofline_s": generation["roofline_s"],
+        "generation_share_of_roofline": generation["share_of_roofline"],
+        "generation_roofline_speedup": generation["roofline_s"]["sequential"] / generation["roofline_s"]["batched"],
         "peak_cpu_memory_mb": {m: train[m]["ours"]["peak_cpu_memory_mb"] for m in train},
         "peak_gpu_memory_mb": {m: train[m]["ours"]["peak_gpu_memory_mb"] for m in train},
         "peak_memory_mb": {
@@ -369,6 +413,7 @@ def main() -> None:
         "threads": threads,
         "text": args.text or "wikitext-2-raw-v1 test (Hub)",
         "quick": args.quick,
+        "bench_s": time.perf_counter() - started,
         "environment": environment_info() | {"processor": platform.processor()},
     }
     speed, share = results["train_tokens_per_s"], results["train_flops_share_of_peak"]
@@ -386,6 +431,13 @@ def main() -> None:
             fmt="{:.2f}",
         ),
         ["Identical hypotheses", str(generation["identical_hypotheses"]), "", ""],
+        [
+            "Generation, share of this machine's roofline (batched; one at a time)",
+            f"{generation['share_of_roofline']['batched']:.1%}",
+            f"{generation['share_of_roofline']['sequential']:.1%}",
+            "",
+        ],
+        variant_row("Generation, batched vs one at a time at the roofline", results["generation_roofline_speedup"]),
         *[comparison_row(f"{m} training peak CPU memory (MB)", train[m]["ours"]["peak_cpu_memory_mb"]) for m in train],
         *[
             comparison_row(
