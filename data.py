@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +20,6 @@ OFFLINE_DATA_HINT = (
     "to run without the Hub, pass --data_dir DIR holding train/validation/test .txt or .parquet files"
     " (or warm the Hugging Face cache once: it is read when the Hub cannot be reached)"
 )
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "wikitext-finetune"
 
 
 def load_text_splits(dataset: str, dataset_config: str | None, data_dir: str | None) -> dict[str, Dataset]:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from run_control import RunInterrupted
-from utils import ToolError
+# Only light modules at the top: --help and bad flags answer without importing torch (seconds).
+from utils import RunInterrupted, ToolError, default_cache_dir
 
 
 def positive_int(text: str) -> int:
@@ -102,8 +102,6 @@ METHOD_DEFAULTS = {"full": (1e-5, 0.01), "lora": (1e-4, 0.0)}
 
 
 def data_flags() -> argparse.ArgumentParser:
-    from data import default_cache_dir
-
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("model and data")
     g.add_argument(

@@ -18,10 +18,6 @@ from run_directory import CHECKPOINT_FIGURES
 from utils import ToolError, make_durable
 
 
-class RunInterrupted(ToolError):
-    """Training stopped on a signal after saving a checkpoint; the message says how to resume."""
-
-
 def any_process(flag: bool, device: torch.device) -> bool:
     """True when `flag` is true on any process (the flag itself in a single process)."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -16,8 +16,7 @@ import sys
 from pathlib import Path
 
 from report import canonical, compare
-from run_control import RunInterrupted
-from utils import ToolError, timestamp
+from utils import RunInterrupted, ToolError, timestamp
 
 MAIN = Path(__file__).resolve().with_name("main.py")
 LORA_VARIANT_FLAGS = {"lora": [], "dora": ["--use_dora"], "rslora": ["--use_rslora"]}

@@ -20,9 +20,9 @@ from generation import evaluate_generation
 from measurement import PeakMemoryTracker, best, max_over_processes, perplexity
 from modeling import count_parameters
 from report import method_name, print_run_summary
-from run_control import CheckedTrainer, RunInterrupted, StopOnSignal
+from run_control import CheckedTrainer, StopOnSignal
 from run_directory import RunDirectory, mark_failed, open_run, write_checkpoint_figures, write_results
-from utils import MIB, ToolError, environment_info, make_durable, timestamp
+from utils import MIB, RunInterrupted, ToolError, environment_info, make_durable, timestamp
 
 
 def resolve_precision(choice: str) -> str:

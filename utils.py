@@ -18,6 +18,14 @@ class ToolError(Exception):
     """A failure the user can fix; main.py prints it as one line and exits non-zero."""
 
 
+class RunInterrupted(ToolError):
+    """Training stopped on a signal after saving a checkpoint; the message says how to resume."""
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "wikitext-finetune"
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see the old file or the new one, never half of one."""
     path = Path(path)

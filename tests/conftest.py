@@ -7,6 +7,9 @@ import os
 
 # Tests never reach the network; the Hub libraries read this when they are first imported.
 os.environ["HF_HUB_OFFLINE"] = "1"
+# One torch thread here and in every child process: the tiny model's ops gain nothing from more, and a thread that
+# waits for a busy core (another test process, or anything else on the machine) makes each op cost milliseconds.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 import random
 from pathlib import Path
