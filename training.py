@@ -230,7 +230,7 @@ def evaluate_and_save_results(
             tokens_per_word=args.tokens_per_word,
             csv_path=run_dir / "generations.csv",
         )
-    results.update(status="finished", finished_at=timestamp(), log_history=history)
+    results.update(status="finished", finished_at=timestamp(microseconds=True), log_history=history)
     write_results(run_dir, results)
     plot_loss_curves(history, run_dir / "loss_curve.png", title=run_dir.name)
     print_run_summary(results, file=sys.stdout)

@@ -93,8 +93,10 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(finite_or_null(obj), indent=2, default=str, allow_nan=False) + "\n")
 
 
-def timestamp() -> str:
-    return datetime.now().strftime("%Y%m%d-%H%M%S")
+def timestamp(microseconds: bool = False) -> str:
+    """Local time as YYYYmmdd-HHMMSS; with `microseconds`, .ffffff after it: runs that finish within one second
+    still have an order (`compare` shows the latest)."""
+    return datetime.now().strftime("%Y%m%d-%H%M%S" + ".%f" * microseconds)
 
 
 def environment_info() -> dict[str, Any]:
