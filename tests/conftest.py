@@ -21,6 +21,16 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 import main as cli
 
+# The files whose end-to-end runs take longest go first: with `-n auto` each worker takes a whole file (loadfile,
+# pyproject.toml) in this order, so the long ones run side by side rather than one of them last, alone.
+LONGEST_FIRST = ["test_study.py", "test_bench.py", "test_resilience.py", "test_hard_kills.py", "test_hub.py"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 PLACES = ["Valley", "Harbour", "Castle", "Bridge", "Abbey", "Forest", "Mill", "Tower"]
 SUBJECTS = ["The river", "The old castle", "A small village", "The railway", "The church", "The army"]
 VERBS = ["was built", "was destroyed", "was restored", "was described", "was visited", "was moved"]
