@@ -96,7 +96,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 def timestamp(microseconds: bool = False) -> str:
     """Local time as YYYYmmdd-HHMMSS; with `microseconds`, .ffffff after it: runs that finish within one second
     still have an order (`compare` shows the latest)."""
-    return datetime.now().strftime("%Y%m%d-%H%M%S" + ".%f" * microseconds)
+    return datetime.now().strftime("%Y%m%d-%H%M%S.%f" if microseconds else "%Y%m%d-%H%M%S")
 
 
 def environment_info() -> dict[str, Any]:

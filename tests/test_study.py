@@ -133,7 +133,8 @@ def test_a_tracker_that_is_not_installed_is_named_before_anything_runs(capsys):
 
 def test_a_stopped_study_says_how_to_go_on_and_the_same_command_finishes_it(common_flags, tmp_path):
     argv = [sys.executable, "main.py", "study", *common_flags, "--output_dir", str(tmp_path), "--study_name", "s"]
-    argv += ["--arms", "full", "--max_steps", "30", "--save_steps", "3", "--eval_examples", "0"]
+    # 60 steps: the run is still going (tens of ms a step) when the signal lands after the first checkpoint
+    argv += ["--arms", "full", "--max_steps", "60", "--save_steps", "3", "--eval_examples", "0"]
     study = subprocess.Popen(argv, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     record = tmp_path / "s" / "full" / "results.json"
     while study.poll() is None and "checkpoint" not in (record.read_text() if record.is_file() else ""):
@@ -147,7 +148,7 @@ def test_a_stopped_study_says_how_to_go_on_and_the_same_command_finishes_it(comm
     assert done.returncode == 0, done.stderr
     assert "--resume" in done.stdout
     finished = results(tmp_path / "s" / "full")
-    assert finished["status"] == "finished" and finished["optimizer_steps"] == 30
+    assert finished["status"] == "finished" and finished["optimizer_steps"] == 60
 
 
 def test_the_quick_start_runs_share_one_table_however_their_flags_were_typed(tmp_path):
