@@ -39,6 +39,10 @@ def test_quick_benchmark_writes_every_figure(tiny_model_dir, data_dir, tmp_path)
     assert results["generation_identical_hypotheses"] is True
     assert all(0 < results["generation_share_of_roofline"][side] < 1 for side in ("batched", "sequential"))
     assert results["generation_roofline_speedup"] > 1  # batching shares the weight reads
+    assert (
+        results["generation_speedup_ceiling"]
+        > results["generation_examples_per_s"]["batched"] / (results["generation_examples_per_s"]["sequential"])
+    )  # the measured gain stays under its ceiling
     assert set(results["data_prep_s"]) == {"cold", "warm"}
     assert {"model_config", "dtype", "device", "threads"} <= results.keys()
     assert written.with_suffix(".md").read_text().count("|") > 20
