@@ -28,6 +28,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: a worker per CPU this process may use (a container's share), not per core of the host."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 PLACES = ["Valley", "Harbour", "Castle", "Bridge", "Abbey", "Forest", "Mill", "Tower"]
 SUBJECTS = ["The river", "The old castle", "A small village", "The railway", "The church", "The army"]
 VERBS = ["was built", "was destroyed", "was restored", "was described", "was visited", "was moved"]
