@@ -42,6 +42,19 @@ def batch_by_budget_and_length(budgets: list[int], lengths: list[int], batch_siz
     return batches
 
 
+def prompt_batches(
+    tokenizer: PreTrainedTokenizerBase, config, prompts: list[str], budgets: list[int], batch_size: int
+) -> list[tuple[int, list[int], int]]:
+    """The generate calls `generate_continuations` makes: (budget, prompt indices, padded prompt tokens after
+    truncation to the context left by the budget)."""
+    max_positions = getattr(config, "n_positions", None) or config.max_position_embeddings
+    lengths = [len(ids) for ids in tokenizer(prompts, verbose=False)["input_ids"]]
+    return [
+        (budget, batch, min(max(lengths[i] for i in batch), max_positions - budget))
+        for budget, batch in batch_by_budget_and_length(budgets, lengths, batch_size)
+    ]
+
+
 @torch.no_grad()
 def generate_continuations(
     model: PreTrainedModel,
@@ -54,19 +67,12 @@ def generate_continuations(
     """Beam-search continuation of each prompt (new tokens only, decoded), batched by budget and length."""
     model.eval()
     tokenizer.padding_side = "left"
-    tokenizer.truncation_side = "left"
-    max_positions = getattr(model.config, "n_positions", None) or model.config.max_position_embeddings
-    lengths = [len(ids) for ids in tokenizer(prompts, verbose=False)["input_ids"]]
+    tokenizer.truncation_side = "left"  # keep the prompt's end when it would overflow the context
     hypotheses = [""] * len(prompts)
-    for budget, batch in tqdm(
-        batch_by_budget_and_length(budgets, lengths, batch_size), desc="generating", unit="batch"
-    ):
+    batches = prompt_batches(tokenizer, model.config, prompts, budgets, batch_size)
+    for budget, batch, prompt_tokens in tqdm(batches, desc="generating", unit="batch"):
         inputs = tokenizer(
-            [prompts[i] for i in batch],
-            return_tensors="pt",
-            padding=True,
-            truncation=True,
-            max_length=max_positions - budget,  # keep the prompt's end when it would overflow the context
+            [prompts[i] for i in batch], return_tensors="pt", padding=True, truncation=True, max_length=prompt_tokens
         ).to(model.device)
         output = model.generate(
             **inputs,

@@ -40,7 +40,7 @@ from data import (  # noqa: E402  # noqa: E402
     tokenize_rows,
     tokenizer_fingerprint,
 )
-from generation import batch_by_budget_and_length, generate_continuations  # noqa: E402
+from generation import generate_continuations, prompt_batches  # noqa: E402
 from lora_finetuning import add_lora_adapters  # noqa: E402
 from measurement import PeakMemoryTracker, synchronize  # noqa: E402
 from modeling import load_tokenizer  # noqa: E402
@@ -256,28 +256,21 @@ def memory_read_bandwidth(device: str, gib: float = 1.0, seconds: float = 2.0) -
 
 
 def generation_roofline_s(
-    model: torch.nn.Module,
-    lengths: list[int],
-    budgets: list[int],
-    num_beams: int,
-    batch_size: int,
-    peak: float,
-    bandwidth: float,
+    model: torch.nn.Module, batches: list[tuple[int, list[int], int]], num_beams: int, peak: float, bandwidth: float
 ) -> float:
-    """Least time `generate_continuations` could take here: each forward pass of a batch of beams lasts at least
-    the longer of its matmul FLOPs at the measured peak and its reads (every weight once, and each beam's
-    key-value cache) at the measured bandwidth. Every budget is spent in full; the prompt is run for each beam, as
-    generate() does, with the output layer at its last position only; attention's FLOPs (under 2% at these
-    lengths) are left out."""
+    """Least time `generate_continuations` could take here for its `batches` (`prompt_batches`): each forward
+    pass of a batch of beams lasts at least the longer of its matmul FLOPs at the measured peak and its reads
+    (every weight once, and each beam's key-value cache) at the measured bandwidth. Every budget is spent in full;
+    the prompt is run for each beam, as generate() does, with the output layer at its last position only;
+    attention's FLOPs (under 2% at these lengths) are left out."""
     config = model.config
     n = matmul_params(model, config)
     head = config.vocab_size * config.n_embd
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     cache_bytes_per_position = 2 * config.n_layer * config.n_embd * next(model.parameters()).element_size()
     seconds = 0.0
-    for budget, batch in batch_by_budget_and_length(budgets, lengths, batch_size):
+    for budget, batch, prompt in batches:
         sequences = num_beams * len(batch)
-        prompt = min(max(lengths[i] for i in batch), config.n_positions - budget)
         seconds += max(weight_bytes / bandwidth, 2 * ((n - head) * prompt + head) * sequences / peak)
         for context in range(prompt + 1, prompt + budget):  # one pass per new token after the first
             reads = weight_bytes + sequences * context * cache_bytes_per_position
@@ -291,7 +284,6 @@ def generation_speed(args: argparse.Namespace, rows: list[str], tokenizer, peak:
     model = build_model(args, lora=False).to("cuda" if torch.cuda.is_available() else "cpu")
     pairs = prompt_reference_pairs(Dataset.from_dict({"text": rows}), args.examples)
     prompts = [p for p, _ in pairs]
-    lengths = [len(ids) for ids in tokenizer(prompts, verbose=False)["input_ids"]]
     budgets = [32] * len(prompts)  # one shared budget keeps the comparison about batching alone
     defaults = recipe_flags(args, "full")  # the tool's beam width and generation batch size
     seconds, roofline, outputs = {}, {}, {}
@@ -301,11 +293,13 @@ def generation_speed(args: argparse.Namespace, rows: list[str], tokenizer, peak:
             model, tokenizer, prompts, budgets, num_beams=defaults.num_beams, batch_size=batch_size
         )
         seconds[name] = time.perf_counter() - start
-        roofline[name] = generation_roofline_s(model, lengths, budgets, defaults.num_beams, batch_size, peak, bandwidth)
+        batches = prompt_batches(tokenizer, model.config, prompts, budgets, batch_size)
+        roofline[name] = generation_roofline_s(model, batches, defaults.num_beams, peak, bandwidth)
     return {
         "examples_per_s": {k: len(prompts) / s for k, s in seconds.items()},
         "roofline_s": roofline,
         "share_of_roofline": {k: roofline[k] / s for k, s in seconds.items()},
+        "roofline_speedup": roofline["sequential"] / roofline["batched"],
         "speedup_ceiling": seconds["sequential"] / roofline["batched"],
         "identical_hypotheses": outputs["batched"] == outputs["sequential"],
     }
@@ -336,9 +330,8 @@ def compile_seconds(runs: dict) -> float | None:
     return runs["compile"]["first_step_s"] - runs["plain"]["first_step_s"]
 
 
-def variant_row(label: str, factor: float | None, error: str | None = None) -> list[str]:
-    """A row of one ratio; without one, the reason it is missing ("failed", or "not measured" when not asked)."""
-    missing = "not measured" if (error or "").startswith("not measured") else "failed"
+def variant_row(label: str, factor: float | None, missing: str = "failed") -> list[str]:
+    """A row of one ratio, or why it is missing."""
     return [label, "", "", missing if factor is None else f"{factor:.2f}x"]
 
 
@@ -410,7 +403,7 @@ def main() -> None:
         "generation_identical_hypotheses": generation["identical_hypotheses"],
         "generation_roofline_s": generation["roofline_s"],
         "generation_share_of_roofline": generation["share_of_roofline"],
-        "generation_roofline_speedup": generation["roofline_s"]["sequential"] / generation["roofline_s"]["batched"],
+        "generation_roofline_speedup": generation["roofline_speedup"],
         "generation_speedup_ceiling": generation["speedup_ceiling"],
         "generation_matmul_peak_flop_per_s": fp32_peak,
         "peak_cpu_memory_mb": {m: train[m]["ours"]["peak_cpu_memory_mb"] for m in train},
@@ -483,7 +476,11 @@ def main() -> None:
             for m in MODES
         ],
         *[
-            variant_row(f"{m} tokens/s, --compile vs plain", results["compile_speedup"][m], results["compile_error"][m])
+            variant_row(
+                f"{m} tokens/s, --compile vs plain",
+                results["compile_speedup"][m],
+                "failed" if args.compile else "not measured",
+            )
             for m in MODES
         ],
         comparison_row(
