@@ -97,11 +97,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     again = f"rerun the same command with --study_name {name} to continue"
     planned = arms(args)
     print(f"study {name}: arms {', '.join(a for a, _, _ in planned)} in {study_dir}", flush=True)
-    commands = {}
+    commands, records = {}, {}
     for arm, command, own_flags in planned:  # every arm checked before any runs: a study never mixes settings
         flags = shared_flags(args, vars(parser.parse_args([command])))
         commands[arm] = [command, *flags, *own_flags, "--output_dir", str(study_dir), "--run_name", arm]
-        changed = changed_settings(recorded(study_dir / arm).get("config", {}), parser.parse_args(commands[arm]))
+        records[arm] = recorded(study_dir / arm)
+        changed = changed_settings(records[arm].get("config", {}), parser.parse_args(commands[arm]))
         if changed:
             raise ToolError(
                 f"study {name}: {arm} was started with other settings ({', '.join(changed)}); "
@@ -109,7 +110,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
             )
     for arm, _, _ in planned:
         run_dir, argv = study_dir / arm, commands[arm]
-        if recorded(run_dir).get("status") == "finished":
+        if records[arm].get("status") == "finished":
             print(f"study {name}: {arm} finished already, skipped", flush=True)
             continue
         argv += ["--resume"] if run_dir.exists() else []
