@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from modeling import load_causal_lm, load_tokenizer
-from training import finetune
+from pipeline.modeling import load_causal_lm, load_tokenizer
+from pipeline.training import finetune
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -8,8 +8,8 @@ from typing import Any
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
-from modeling import load_causal_lm, load_tokenizer
-from training import finetune
+from pipeline.modeling import load_causal_lm, load_tokenizer
+from pipeline.training import finetune
 
 
 def add_lora_adapters(model: PreTrainedModel, args: argparse.Namespace) -> PeftModel:

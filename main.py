@@ -268,26 +268,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(parser, argv)
     try:
         if args.command == "compare":
-            from report import compare
+            from study.report import compare
 
             print(compare(args.output_dir, args.all))
         elif args.command == "study":
-            import study
+            from study import runner
 
-            study.run(args, parser)
+            runner.run(args, parser)
         elif args.command == "score":
-            from scoring import score_csv
+            from pipeline.scoring import score_csv
 
             score_csv(args.csv)
         else:
-            from hub import resolve_sources
+            from pipeline.hub import resolve_sources
 
             resolve_sources(args)
             import transformers
 
-            import evaluation
             import full_finetuning
             import lora_finetuning
+            from pipeline import evaluation
 
             transformers.set_seed(args.seed)
             recipe = {"full": full_finetuning, "lora": lora_finetuning, "evaluate": evaluation}[args.command]

@@ -32,7 +32,8 @@ from tabulate import tabulate  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback  # noqa: E402
 
 import main as cli  # noqa: E402
-from data import (  # noqa: E402  # noqa: E402
+from lora_finetuning import add_lora_adapters  # noqa: E402
+from pipeline.data import (  # noqa: E402  # noqa: E402
     PackedBlocks,
     pack_into_blocks,
     packed_blocks_cached,
@@ -40,11 +41,10 @@ from data import (  # noqa: E402  # noqa: E402
     tokenize_rows,
     tokenizer_fingerprint,
 )
-from generation import generate_continuations, prompt_batches  # noqa: E402
-from lora_finetuning import add_lora_adapters  # noqa: E402
-from measurement import PeakMemoryTracker, synchronize  # noqa: E402
-from modeling import load_tokenizer  # noqa: E402
-from training import build_trainer, resolve_precision  # noqa: E402
+from pipeline.generation import generate_continuations, prompt_batches  # noqa: E402
+from pipeline.measurement import PeakMemoryTracker, synchronize  # noqa: E402
+from pipeline.modeling import load_tokenizer  # noqa: E402
+from pipeline.training import build_trainer, resolve_precision  # noqa: E402
 from utils import MIB, atomic_write_json, atomic_write_text, environment_info, one_line, timestamp  # noqa: E402
 
 SHARED = ROOT.parent / "shared"

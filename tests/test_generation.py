@@ -9,9 +9,9 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
 import main as cli
-from data import prompt_reference_pairs
-from generation import batch_by_budget_and_length, generate_continuations, token_budget
-from modeling import load_tokenizer
+from pipeline.data import prompt_reference_pairs
+from pipeline.generation import batch_by_budget_and_length, generate_continuations, token_budget
+from pipeline.modeling import load_tokenizer
 
 
 def test_rows_are_cut_at_half_their_words_in_order_skipping_short_rows():

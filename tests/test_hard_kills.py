@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import main as cli
-from run_directory import CHECKPOINT_FIGURES, take_lock
+from pipeline.run_directory import CHECKPOINT_FIGURES, take_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,8 @@ KILLER = textwrap.dedent(
     """
     import os, signal, sys
     sys.path.insert(0, {root!r})
-    import generation, main, training
+    import main
+    from pipeline import generation, training
     from transformers import Trainer, TrainerCallback
 
     def die(*args, **kwargs):

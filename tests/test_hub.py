@@ -14,7 +14,7 @@ import pytest
 from datasets import Dataset, load_dataset
 
 import main as cli
-from hub import NAMESPACED_IDS, hub_id
+from pipeline.hub import NAMESPACED_IDS, hub_id
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMIT = "0" * 40  # the snapshot a warm cache's refs/main names
@@ -133,7 +133,7 @@ def test_without_the_hub_a_cache_warmed_under_the_legacy_ids_still_serves(tmp_pa
     import datasets
     from huggingface_hub import constants
 
-    from hub import cached_id
+    from pipeline.hub import cached_id
 
     legacy = tmp_path / "hub" / "models--gpt2"
     (legacy / "refs").mkdir(parents=True)

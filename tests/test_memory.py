@@ -11,11 +11,11 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from transformers.activations import NewGELUActivation
 
 import main as cli
-from data import PackedBlocks, pack_into_blocks, tokenize_rows
-from lean_training import causal_lm, supports_chunked_loss
 from lora_finetuning import add_lora_adapters
-from modeling import load_tokenizer
-from training import build_trainer
+from pipeline.data import PackedBlocks, pack_into_blocks, tokenize_rows
+from pipeline.lean_training import causal_lm, supports_chunked_loss
+from pipeline.modeling import load_tokenizer
+from pipeline.training import build_trainer
 
 BATCH = 4
 

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 import main as cli
-import training
-from run_directory import create_run_dir
+from pipeline import training
+from pipeline.run_directory import create_run_dir
 from utils import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]

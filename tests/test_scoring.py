@@ -15,7 +15,7 @@ import pytest
 from nltk.data import ZipFilePathPointer
 
 import main as cli
-from scoring import METRIC_NAMES, corpus_scores, wordnet_found
+from pipeline.scoring import METRIC_NAMES, corpus_scores, wordnet_found
 
 # Made-up words: lowercase alphanumerics that every metric's tokenizer keeps whole, with no stems or synonyms.
 VOCAB = [f"w{i:02d}" for i in range(30)]

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, integrations
 
 import main as cli
 from lora_finetuning import add_lora_adapters
-from report import comparable_sets, differences
+from study.report import comparable_sets, differences
 
 ARMS = ("base", "full", "lora-r2", "lora-r4")
 ROOT = Path(__file__).resolve().parents[1]

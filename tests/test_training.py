@@ -12,9 +12,9 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import main as cli
-from data import PackedBlocks, pack_into_blocks, packed_blocks_cached, tokenize_rows, tokenizer_fingerprint
 from lora_finetuning import add_lora_adapters
-from modeling import count_parameters, load_tokenizer
+from pipeline.data import PackedBlocks, pack_into_blocks, packed_blocks_cached, tokenize_rows, tokenizer_fingerprint
+from pipeline.modeling import count_parameters, load_tokenizer
 
 RESULT_KEYS = {
     "mode", "model", "config", "environment", "trainable_params", "total_params", "model_size_mb", "train_time_s",

@@ -12,7 +12,7 @@ import torch
 from datasets import Dataset, load_dataset
 from transformers import PreTrainedTokenizerBase
 
-from hub import load_error
+from pipeline.hub import load_error
 from utils import ToolError, atomic_write_bytes
 
 SPLITS = ("train", "validation", "test")

@@ -8,9 +8,9 @@ from typing import Any
 
 from peft import PeftModel
 
-from modeling import load_causal_lm, load_tokenizer
-from run_directory import write_results
-from training import claim_run, evaluate_and_save_results, evaluation_trainer, load_packed_splits, run_record
+from pipeline.modeling import load_causal_lm, load_tokenizer
+from pipeline.run_directory import write_results
+from pipeline.training import claim_run, evaluate_and_save_results, evaluation_trainer, load_packed_splits, run_record
 from utils import ToolError, one_line
 
 

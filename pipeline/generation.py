@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from scoring import corpus_scores
+from pipeline.scoring import corpus_scores
 from utils import atomic_write_text
 
 BUDGET_BUCKET = 16

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from hub import load_error
+from pipeline.hub import load_error
 from utils import ToolError
 
 OFFLINE_MODEL_HINT = (

@@ -13,15 +13,14 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments, default_data_collator
 
-import hub
-from data import PackedBlocks, load_text_splits, prepare_lm_splits, prompt_reference_pairs
-from figures import plot_loss_curves
-from generation import evaluate_generation
-from measurement import PeakMemoryTracker, best, max_over_processes, perplexity
-from modeling import count_parameters
-from report import method_name, print_run_summary
-from run_control import CheckedTrainer, StopOnSignal
-from run_directory import RunDirectory, mark_failed, open_run, write_checkpoint_figures, write_results
+from pipeline import hub
+from pipeline.data import PackedBlocks, load_text_splits, prepare_lm_splits, prompt_reference_pairs
+from pipeline.generation import evaluate_generation
+from pipeline.measurement import PeakMemoryTracker, best, max_over_processes, perplexity
+from pipeline.modeling import count_parameters
+from pipeline.run_control import CheckedTrainer, StopOnSignal
+from pipeline.run_directory import RunDirectory, mark_failed, open_run, write_checkpoint_figures, write_results
+from pipeline.summary import method_name, plot_loss_curves, print_run_summary
 from utils import MIB, RunInterrupted, ToolError, environment_info, make_durable, timestamp
 
 

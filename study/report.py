@@ -1,4 +1,4 @@
-"""What a person reads: a run's summary, and `compare`'s comparable sets of runs side by side with the report."""
+"""What a person reads about many runs: `compare`'s comparable sets of runs side by side with the report."""
 
 from __future__ import annotations
 
@@ -7,64 +7,15 @@ import io
 import json
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from tabulate import tabulate
 
-from hub import canonical_id, is_local
+from pipeline.hub import canonical_id, is_local
+from pipeline.summary import TABLE_ROWS, format_value, lookup, method_name
 from utils import atomic_write_json, atomic_write_text
 
 Run = dict[str, Any]
-
-# (row label, results.json key): the single list of figures the summary and `compare` show.
-TABLE_ROWS = (
-    ("Model size (MB)", "model_size_mb"),
-    ("Trainable parameters", "trainable_params"),
-    ("Training time (s)", "train_time_s"),
-    ("Evaluation time (s)", "eval_time_s"),
-    ("Checkpoint time (s)", "checkpoint_time_s"),
-    ("Peak GPU memory (MB)", "peak_gpu_memory_mb"),
-    ("Peak CPU memory (MB)", "peak_cpu_memory_mb"),
-    ("Best training loss", "best_train_loss"),
-    ("Best validation loss", "best_val_loss"),
-    ("Validation perplexity", "val_perplexity"),
-    ("Test perplexity", "test_perplexity"),
-    ("Training tokens/s", "train_tokens_per_s"),
-    ("BLEU", "metrics.bleu"),
-    ("SacreBLEU", "metrics.sacrebleu"),
-    ("ROUGE-1", "metrics.rouge1"),
-    ("ROUGE-2", "metrics.rouge2"),
-    ("ROUGE-L", "metrics.rougeL"),
-    ("TER", "metrics.ter"),
-    ("chrF", "metrics.chrf"),
-    ("METEOR", "metrics.meteor"),
-)
-
-
-def lookup(results: dict[str, Any], dotted_key: str) -> Any:
-    value: Any = results
-    for part in dotted_key.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
-    return value
-
-
-def format_value(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        return f"{value:,.4f}" if abs(value) < 10 else f"{value:,.1f}"
-    return str(value)
-
-
-def print_run_summary(results: dict[str, Any], file: TextIO = sys.stdout) -> None:
-    rows = [(label, format_value(lookup(results, key))) for label, key in TABLE_ROWS]
-    print(f"\n{results['mode']} run: {results['run_dir']}", file=file)
-    print(tabulate(rows, tablefmt="simple"), file=file)
-    reason = lookup(results, "metrics.meteor_unavailable_reason")
-    if reason:
-        print(f"METEOR not computed: {reason}", file=file)
 
 
 def read_runs(output_dir: Path) -> list[dict[str, Any]]:
@@ -100,13 +51,6 @@ COMPARABLE = (
 NOT_SETTINGS = ("command", "run_name", "output_dir", "resume", "cache_dir")  # where a run is, not what it is
 COLUMN_ORDER = ("base", "full", "lora", "rslora", "dora")
 FIGURES = (("Loss curves", "loss_curves"), ("Cost", "cost"), ("Quality", "quality"), ("Trade-off", "tradeoff"))
-
-
-def method_name(mode: str, config: dict[str, Any]) -> str:
-    """full, base, ..., or for LoRA runs its variant: lora, dora, rslora (dora+rslora with both flags)."""
-    if mode != "lora":
-        return mode
-    return "+".join(v for v in ("dora", "rslora") if config.get(f"use_{v}")) or "lora"
 
 
 def method(run: Run) -> str:
@@ -254,7 +198,7 @@ def comparison_record(runs: list[Run]) -> dict[str, Any]:
 def write_report(output_dir: Path, sets: list[list[Run]]) -> None:
     """report.md with its PNG figures beside it: for each set the table, loss, cost, quality and trade-off
     figures, three example continuations, and the settings the runs share and those that differ."""
-    import figures
+    from study import figures
 
     title = f"# Report: {output_dir.name}"
     sections = [

@@ -12,9 +12,9 @@ import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 
-from lean_training import LeanTrainingMixin
-from measurement import RunClock
-from run_directory import CHECKPOINT_FIGURES
+from pipeline.lean_training import LeanTrainingMixin
+from pipeline.measurement import RunClock
+from pipeline.run_directory import CHECKPOINT_FIGURES
 from utils import ToolError, make_durable
 
 

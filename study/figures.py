@@ -1,8 +1,7 @@
-"""The PNG figures: one run's loss curve, and the report's loss, cost, quality and trade-off views of several runs."""
+"""The PNG figures of the report: loss, cost, quality and trade-off views of several runs."""
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from utils import atomic_write_bytes  # noqa: E402
+from pipeline.summary import save_png  # noqa: E402
 
 Run = dict[str, Any]
 LOG_SCALE_RATIO = 20  # bars or axes whose values span more than this get a log scale
@@ -26,26 +25,6 @@ SCORES = (
     ("chrF", "chrf", 1),
     ("TER (lower is better)", "ter", 1),
 )
-
-
-def save_png(fig: plt.Figure, path: Path) -> None:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def plot_loss_curves(log_history: list[dict], path: Path, title: str) -> None:
-    """One run's training and validation loss against optimizer steps."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key, label, style in (("loss", "training", "-"), ("eval_loss", "validation", "o-")):
-        points = [(e["step"], e[key]) for e in log_history if key in e]
-        if points:
-            ax.plot(*zip(*points, strict=True), style, label=label)
-    ax.set(xlabel="optimizer step", ylabel="cross-entropy loss (nats/token)", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    save_png(fig, path)
 
 
 def spans_orders(values: list[float]) -> bool:

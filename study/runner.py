@@ -15,10 +15,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from report import canonical, compare
+from study.report import canonical, compare
 from utils import RunInterrupted, ToolError, timestamp
 
-MAIN = Path(__file__).resolve().with_name("main.py")
+MAIN = Path(__file__).resolve().parents[1] / "main.py"
 LORA_VARIANT_FLAGS = {"lora": [], "dora": ["--use_dora"], "rslora": ["--use_rslora"]}
 NOT_PASSED = ("command", "run_name", "resume", "output_dir")  # the study sets these for each arm
 
