@@ -25,11 +25,17 @@ from utils import MIB, RunInterrupted, ToolError, environment_info, make_durable
 
 
 def resolve_precision(choice: str) -> str:
-    """auto: bf16 on GPUs that support it, else fp16 on CUDA, else fp32."""
+    """--precision for this machine (see choose_precision)."""
     cuda = torch.cuda.is_available()
+    # Native only: by default torch also counts bf16 that pre-Ampere GPUs (T4, V100) emulate, at emulated speed.
+    return choose_precision(choice, cuda, cuda and torch.cuda.is_bf16_supported(including_emulation=False))
+
+
+def choose_precision(choice: str, cuda_available: bool, bf16_native: bool) -> str:
+    """auto: bf16 on GPUs that run it natively, else fp16 on CUDA, else fp32; an explicit choice as given."""
     if choice == "auto":
-        return ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
-    if choice == "fp16" and not cuda:
+        return ("bf16" if bf16_native else "fp16") if cuda_available else "fp32"
+    if choice == "fp16" and not cuda_available:
         raise ToolError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on this machine")
     return choice
 
