@@ -170,7 +170,12 @@ def load_packed_splits(args: argparse.Namespace, tokenizer: PreTrainedTokenizerB
 
 
 def run_record(
-    args: argparse.Namespace, mode: str, run: RunDirectory, model: PreTrainedModel, trainer: Trainer
+    args: argparse.Namespace,
+    mode: str,
+    run: RunDirectory,
+    model: PreTrainedModel,
+    trainer: Trainer,
+    checkpoint_dtype: str,
 ) -> dict[str, Any]:
     """The fields of results.json every run has, before anything is measured."""
     trainable, total = count_parameters(model)
@@ -186,6 +191,7 @@ def run_record(
         "environment": environment_info(),
         "hub_unreachable_reason": hub.unreachable_reason,  # set when the run read the local cache instead
         "precision": resolve_precision(args.precision),
+        "checkpoint_dtype": checkpoint_dtype,  # the weights are trained (and evaluated) in float32 whatever it is
         "world_size": trainer.args.world_size,
         "peak_memory_is_max_over_processes": trainer.args.world_size > 1,
         "gpus_per_process": trainer.args.n_gpu,
@@ -260,12 +266,17 @@ def figures_so_far(trainer: CheckedTrainer, memory: PeakMemoryTracker, previous:
 
 
 def finetune(
-    args: argparse.Namespace, mode: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+    args: argparse.Namespace,
+    mode: str,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    checkpoint_dtype: str,
 ) -> dict[str, Any]:
-    """Train `model` on the packed splits, measure the run, evaluate it, save it; return results.json's content."""
+    """Train `model` (loaded from a checkpoint of `checkpoint_dtype`) on the packed splits, measure the run,
+    evaluate it, save it; return results.json's content."""
     with claim_run(args, mode) as run:
         try:
-            return train_evaluate_save(args, mode, model, tokenizer, run)
+            return train_evaluate_save(args, mode, model, tokenizer, checkpoint_dtype, run)
         except RunInterrupted:
             raise
         except Exception as e:
@@ -279,6 +290,7 @@ def train_evaluate_save(
     mode: str,
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
+    checkpoint_dtype: str,
     run: RunDirectory,
 ) -> dict[str, Any]:
     """finetune() inside the run directory it holds."""
@@ -290,7 +302,7 @@ def train_evaluate_save(
     trainer.clock.start_from(run.figures)
     stop = StopOnSignal()
     trainer.add_callback(stop)
-    results = run_record(args, mode, run, model, trainer)
+    results = run_record(args, mode, run, model, trainer, checkpoint_dtype)
     main = trainer.is_world_process_zero()
 
     with PeakMemoryTracker() as memory, stop:

@@ -3,8 +3,14 @@ generation at one precision for every arm."""
 
 from __future__ import annotations
 
-import pytest
+import json
 
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+import main as cli
 from pipeline.training import choose_precision
 from utils import ToolError
 
@@ -22,3 +28,21 @@ def test_an_explicit_precision_is_kept_and_fp16_needs_cuda():
     assert choose_precision("fp32", cuda_available=True, bf16_native=True) == "fp32"
     with pytest.raises(ToolError, match="fp16 needs a CUDA GPU"):
         choose_precision("fp16", cuda_available=False, bf16_native=False)
+
+
+def test_a_bf16_checkpoint_trains_fp32_weights_and_the_run_records_the_checkpoints_dtype(
+    tiny_model_dir, common_flags, tmp_path
+):
+    half = tmp_path / "tiny-bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(half)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(half)
+    assert {t.dtype for t in load_file(half / "model.safetensors").values()} == {torch.bfloat16}
+
+    out = tmp_path / "results"
+    flags = [*common_flags, "--model", str(half), "--output_dir", str(out), "--max_steps", "2", "--eval_examples", "0"]
+    assert cli.main(["full", *flags, "--run_name", "full"]) == 0
+    results = json.loads((out / "full" / "results.json").read_text())
+    assert results["checkpoint_dtype"] == "bfloat16" and results["precision"] == "fp32"
+    saved = load_file(out / "full" / "model" / "model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.float32}  # AdamW's small steps are not rounded away
+    assert AutoConfig.from_pretrained(out / "full" / "model").dtype == torch.float32  # it reloads as it trained
