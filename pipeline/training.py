@@ -23,6 +23,8 @@ from pipeline.run_directory import RunDirectory, mark_failed, open_run, write_ch
 from pipeline.summary import method_name, plot_loss_curves, print_run_summary
 from utils import MIB, RunInterrupted, ToolError, environment_info, make_durable, timestamp
 
+PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
 
 def resolve_precision(choice: str) -> str:
     """--precision for this machine (see choose_precision)."""
@@ -227,13 +229,19 @@ def evaluate_and_save_results(
         test_loss=test_loss,
         test_perplexity=perplexity(test_loss),
         metrics=None,
+        generation_precision=None,
     )
     if not trainer.is_world_process_zero():
         return results
     pairs = prompt_reference_pairs(splits["test"], args.eval_examples)
     if pairs:
+        # Without the autocast wrapper accelerate put on the forward: it would hold for full and base but not for
+        # the forward PEFT's generate calls, and in bf16 batched and one-at-a-time beams part ways. Every arm
+        # generates with its weights as they are: float32 (load_causal_lm).
+        model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+        results["generation_precision"] = PRECISION_NAMES[model.dtype]
         results["metrics"] = evaluate_generation(
-            trainer.accelerator.unwrap_model(trainer.model),
+            model,
             tokenizer,
             pairs,
             num_beams=args.num_beams,

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import main as cli
+from pipeline import training
 from pipeline.training import choose_precision
 from utils import ToolError
 
@@ -46,3 +47,38 @@ def test_a_bf16_checkpoint_trains_fp32_weights_and_the_run_records_the_checkpoin
     saved = load_file(out / "full" / "model" / "model.safetensors")
     assert {t.dtype for t in saved.values()} == {torch.float32}  # AdamW's small steps are not rounded away
     assert AutoConfig.from_pretrained(out / "full" / "model").dtype == torch.float32  # it reloads as it trained
+
+
+def test_every_arm_generates_at_the_one_precision_it_records(common_flags, tmp_path, monkeypatch):
+    """With --precision bf16, accelerate's autocast stays on full's and base's forward but PEFT's generate goes
+    around it: the output layer's dtype during generation shows which precision each arm decoded in."""
+    seen: list[torch.dtype] = []
+    generate = training.evaluate_generation
+
+    def watched(model, *args, **kwargs):
+        hook = model.get_output_embeddings().register_forward_hook(lambda module, i, output: seen.append(output.dtype))
+        try:
+            return generate(model, *args, **kwargs)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(training, "evaluate_generation", watched)
+    out = tmp_path / "results"
+    flags = [*common_flags, "--output_dir", str(out), "--precision", "bf16", "--eval_examples", "2"]
+    trained = ["--max_steps", "1", "--logging_steps", "1"]
+    runs = {
+        "full": ["full", *flags, *trained],
+        "lora": ["lora", *flags, *trained],
+        "base": ["evaluate", *flags],
+        "adapter": ["evaluate", *flags, "--adapter", str(out / "lora" / "adapter")],
+    }
+    dtypes, recorded = {}, {}
+    for name, command in runs.items():
+        seen.clear()
+        assert cli.main([*command, "--run_name", name]) == 0
+        dtypes[name] = set(seen)
+        results = json.loads((out / name / "results.json").read_text())
+        assert results["precision"] == "bf16"
+        recorded[name] = results.get("generation_precision")
+    assert dtypes == dict.fromkeys(runs, {torch.float32})  # one precision for every arm, and it is fp32
+    assert recorded == dict.fromkeys(runs, "fp32")
