@@ -263,13 +263,14 @@ def figures_so_far(trainer: CheckedTrainer, memory: PeakMemoryTracker, previous:
     for key, value in peaks.items():  # a resumed run's peak covers the sessions before it too
         peaks[key] = max((v for v in (value, previous.get(key)) if v is not None), default=None)
     tokens = int(trainer.state.num_input_tokens_seen)  # every process's tokens, restored on resume
-    seconds = trainer.clock.seconds
+    clock = trainer.clock
     return {
-        **seconds,
+        **clock.seconds,
         **peaks,
         "optimizer_steps": trainer.state.global_step,
         "train_tokens": tokens,
-        "train_tokens_per_s": tokens / seconds["train_time_s"] if seconds["train_time_s"] else None,
+        "first_step_tokens": clock.first_step_tokens,
+        "train_tokens_per_s": clock.tokens_per_s(tokens),
     }
 
 
