@@ -29,6 +29,9 @@ TABLE_ROWS = (
     ("Best validation loss", "best_val_loss"),
     ("Validation perplexity", "val_perplexity"),
     ("Test perplexity", "test_perplexity"),
+    ("Forgetting loss", "forgetting_loss"),
+    ("Forgetting perplexity", "forgetting_perplexity"),
+    ("Forgetting loss change vs base", "forgetting_loss_change"),
     ("Training tokens/s", "train_tokens_per_s"),
     ("BLEU", "metrics.bleu"),
     ("SacreBLEU", "metrics.sacrebleu"),
@@ -62,9 +65,11 @@ def print_run_summary(results: dict[str, Any], file: TextIO = sys.stdout) -> Non
     rows = [(label, format_value(lookup(results, key))) for label, key in TABLE_ROWS]
     print(f"\n{results['mode']} run: {results['run_dir']}", file=file)
     print(tabulate(rows, tablefmt="simple"), file=file)
-    reason = lookup(results, "metrics.meteor_unavailable_reason")
-    if reason:
-        print(f"METEOR not computed: {reason}", file=file)
+    for what, key in (("METEOR not computed", "metrics.meteor_unavailable_reason"),
+                      ("Forgetting not measured", "forgetting_unavailable_reason")):  # fmt: skip
+        reason = lookup(results, key)
+        if reason:
+            print(f"{what}: {reason}", file=file)
 
 
 def method_name(mode: str, config: dict[str, Any]) -> str:
