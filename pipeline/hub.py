@@ -85,7 +85,7 @@ def split_revision(source: str) -> tuple[str, str | None]:
 
 def forgetting_hub_id(args: argparse.Namespace) -> str | None:
     """The Hub dataset the run measures forgetting on; None when it is off, local or not measured."""
-    if args.from_scratch or getattr(args, "forgetting_data_dir", None) or not getattr(args, "forgetting_dataset", None):
+    if args.from_scratch or args.forgetting_data_dir or not args.forgetting_dataset:
         return None
     return split_revision(args.forgetting_dataset)[0]
 

@@ -43,6 +43,12 @@ TABLE_ROWS = (
     ("METEOR", "metrics.meteor"),
 )
 
+# (what was not measured, the results.json key saying why): said below the table wherever a run has a reason.
+UNAVAILABLE = (
+    ("METEOR not computed", "metrics.meteor_unavailable_reason"),
+    ("Forgetting not measured", "forgetting_unavailable_reason"),
+)
+
 
 def lookup(results: dict[str, Any], dotted_key: str) -> Any:
     value: Any = results
@@ -65,8 +71,7 @@ def print_run_summary(results: dict[str, Any], file: TextIO = sys.stdout) -> Non
     rows = [(label, format_value(lookup(results, key))) for label, key in TABLE_ROWS]
     print(f"\n{results['mode']} run: {results['run_dir']}", file=file)
     print(tabulate(rows, tablefmt="simple"), file=file)
-    for what, key in (("METEOR not computed", "metrics.meteor_unavailable_reason"),
-                      ("Forgetting not measured", "forgetting_unavailable_reason")):  # fmt: skip
+    for what, key in UNAVAILABLE:
         reason = lookup(results, key)
         if reason:
             print(f"{what}: {reason}", file=file)

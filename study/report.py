@@ -12,7 +12,7 @@ from typing import Any
 from tabulate import tabulate
 
 from pipeline.hub import canonical_id, is_local
-from pipeline.summary import TABLE_ROWS, format_value, lookup, method_name
+from pipeline.summary import TABLE_ROWS, UNAVAILABLE, format_value, lookup, method_name
 from utils import atomic_write_json, atomic_write_text
 
 Run = dict[str, Any]
@@ -240,8 +240,7 @@ def write_report(output_dir: Path, sets: list[list[Run]]) -> None:
         if len(sets) > 1:
             sections += ["", f"## Set {i} of {len(sets)}"]
         sections += ["", f"{h} Comparison", "", tabulate(rows, headers=headers, tablefmt="github")]
-        for what, key in (("METEOR not computed", "metrics.meteor_unavailable_reason"),
-                          ("Forgetting not measured", "forgetting_unavailable_reason")):  # fmt: skip
+        for what, key in UNAVAILABLE:
             reasons = {lookup(r, key) for r in runs} - {None}
             sections += [f"\n{what}: {reason}." for reason in sorted(reasons)]
         sections += [

@@ -122,6 +122,9 @@ def test_without_a_cached_copy_the_run_goes_on_with_a_note_and_null_figures(
         OWT_ID in run["forgetting_unavailable_reason"]
         and "--forgetting_data_dir" in run["forgetting_unavailable_reason"]
     )
+    assert cli.main(["compare", "--output_dir", str(tmp_path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "Forgetting not measured: could not load dataset" in report and "learning_forgetting" not in report
 
     assert cli.main(["evaluate", *common_flags, "--forgetting_data_dir", str(tmp_path / "nowhere")]) == 1
     (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
