@@ -30,6 +30,9 @@ TABLE_ROWS = (
     ("Best validation loss", "best_val_loss"),
     ("Validation perplexity", "val_perplexity"),
     ("Test perplexity", "test_perplexity"),
+    ("Forgetting loss", "forgetting_loss"),
+    ("Forgetting perplexity", "forgetting_perplexity"),
+    ("Forgetting loss change vs base", "forgetting_loss_change"),
     ("Training tokens/s", "train_tokens_per_s"),
     ("BLEU", "metrics.bleu"),
     ("SacreBLEU", "metrics.sacrebleu"),
@@ -39,6 +42,12 @@ TABLE_ROWS = (
     ("TER", "metrics.ter"),
     ("chrF", "metrics.chrf"),
     ("METEOR", "metrics.meteor"),
+)
+
+# (what was not measured, the results.json key saying why): said below the table wherever a run has a reason.
+UNAVAILABLE = (
+    ("METEOR not computed", "metrics.meteor_unavailable_reason"),
+    ("Forgetting not measured", "forgetting_unavailable_reason"),
 )
 
 
@@ -63,9 +72,10 @@ def print_run_summary(results: dict[str, Any], file: TextIO = sys.stdout) -> Non
     rows = [(label, format_value(lookup(results, key))) for label, key in TABLE_ROWS]
     print(f"\n{results['mode']} run: {results['run_dir']}", file=file)
     print(tabulate(rows, tablefmt="simple"), file=file)
-    reason = lookup(results, "metrics.meteor_unavailable_reason")
-    if reason:
-        print(f"METEOR not computed: {reason}", file=file)
+    for what, key in UNAVAILABLE:
+        reason = lookup(results, key)
+        if reason:
+            print(f"{what}: {reason}", file=file)
 
 
 def method_name(mode: str, config: dict[str, Any]) -> str:

@@ -13,7 +13,7 @@ from tabulate import tabulate
 
 from pipeline.hub import canonical_id
 from pipeline.settings import EVALUATE, SETTING_KINDS, TRAINING, is_local, names_of_kind
-from pipeline.summary import TABLE_ROWS, format_value, lookup, method_name
+from pipeline.summary import TABLE_ROWS, UNAVAILABLE, format_value, lookup, method_name
 from utils import atomic_write_json, atomic_write_text
 
 Run = dict[str, Any]
@@ -59,7 +59,7 @@ def canonical(key: str, value: Any) -> Any:
     """One spelling per setting: 2 and 2.0 alike, a path however it was typed, a Hub id however it was typed."""
     if isinstance(value, float) and value.is_integer():
         return int(value)
-    if key in ("model", "dataset", "data_dir", "adapter") and isinstance(value, str):
+    if key in ("model", "dataset", "data_dir", "adapter", "forgetting_data_dir") and isinstance(value, str):
         return str(Path(value).resolve()) if is_local(value) else canonical_id(value)
     return value
 
@@ -72,6 +72,10 @@ def settings(run: Run) -> dict[str, Any]:
         config = UNRECORDED_DEFAULTS | config
     unused = ("dataset", "dataset_config") if config.get("data_dir") else ()
     unused += ("epochs",) if config.get("max_steps") else ()
+    if config.get("forgetting_data_dir"):  # local files replace the Hub dataset, as --data_dir does
+        unused += ("forgetting_dataset",)
+    elif not config.get("forgetting_dataset"):  # off (or recorded before it existed): its budget means nothing
+        unused += ("forgetting_tokens",)
     environment = run.get("environment") or {}
     measured = {
         "method": method(run),
@@ -110,7 +114,17 @@ def comparable_sets(runs: list[Run]) -> list[list[Run]]:
     trained = [(key, members) for (key, run_length), members in groups.items() if run_length != "null"]
     sets = [bases.get(key, []) + members for key, members in trained]
     sets += [members for key, members in bases.items() if key not in {k for k, _ in trained}]
-    return sorted((columns(s) for s in sets), key=lambda s: max(finished_at(r) for r in s))
+    return sorted((with_forgetting_change(columns(s)) for s in sets), key=lambda s: max(finished_at(r) for r in s))
+
+
+def with_forgetting_change(runs: list[Run]) -> list[Run]:
+    """Each run with `forgetting_loss_change`: its forgetting loss minus the base column's (the model it started
+    from, measured on the same blocks), when both were measured."""
+    base = next((r for r in runs if r["mode"] == "base" and r.get("forgetting_loss") is not None), None)
+    for run in runs:
+        if base and run.get("forgetting_loss") is not None:
+            run["forgetting_loss_change"] = run["forgetting_loss"] - base["forgetting_loss"]
+    return runs
 
 
 def finished_at(run: Run) -> str:
@@ -200,7 +214,8 @@ def comparison_record(runs: list[Run]) -> dict[str, Any]:
 
 def write_report(output_dir: Path, sets: list[list[Run]]) -> None:
     """report.md with its PNG figures beside it: for each set the table, loss, cost, quality and trade-off
-    figures, three example continuations, and the settings the runs share and those that differ."""
+    figures (and learning against forgetting when a run measured forgetting), three example continuations, and
+    the settings the runs share and those that differ."""
     from study import figures
 
     title = f"# Report: {output_dir.name}"
@@ -224,10 +239,15 @@ def write_report(output_dir: Path, sets: list[list[Run]]) -> None:
         if len(sets) > 1:
             sections += ["", f"## Set {i} of {len(sets)}"]
         sections += ["", f"{h} Comparison", "", tabulate(rows, headers=headers, tablefmt="github")]
-        reasons = {lookup(r, "metrics.meteor_unavailable_reason") for r in runs} - {None}
-        sections += [f"\nMETEOR not computed: {reason}." for reason in sorted(reasons)]
+        for what, key in UNAVAILABLE:
+            reasons = {lookup(r, key) for r in runs} - {None}
+            sections += [f"\n{what}: {reason}." for reason in sorted(reasons)]
         sections += ["", measured_on(runs, labels)]
-        for name, stem in FIGURES:
+        drawn = FIGURES
+        if any(r.get("forgetting_loss") is not None for r in runs):
+            figures.plot_learning_forgetting(runs, names, output_dir / f"{prefix}learning_forgetting.png")
+            drawn += (("Learning and forgetting", "learning_forgetting"),)
+        for name, stem in drawn:
             sections += ["", f"{h} {name}", "", f"![{name}]({prefix}{stem}.png)"]
         sections += ["", f"{h} Example continuations", "", example_continuations(runs, labels)]
         sections += ["", f"{h} Settings", "", "Shared by every run that has the setting (unset ones left out):", ""]
