@@ -79,7 +79,7 @@ def split_revision(source: str) -> tuple[str, str | None]:
     return name, revision or None
 
 
-def forgetting_hub_id(args: argparse.Namespace) -> str | None:
+def forgetting_hub_id(args: RunSettings) -> str | None:
     """The Hub dataset the run measures forgetting on; None when it is off, local or not measured."""
     if args.from_scratch or args.forgetting_data_dir or not args.forgetting_dataset:
         return None
