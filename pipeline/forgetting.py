@@ -4,7 +4,6 @@ Forgets Less")."""
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pipeline.data import PackedBlocks, load_text_file, packed_blocks_cached, tokenizer_fingerprint
 from pipeline.hub import load_error, split_revision
+from pipeline.settings import RunSettings
 from utils import ToolError
 
 SPLIT = "train"
@@ -29,7 +29,7 @@ class Forgetting:
     unavailable_reason: str | None = None
 
 
-def forgetting_texts(args: argparse.Namespace) -> list[str]:
+def forgetting_texts(args: RunSettings) -> list[str]:
     """The rows of the general-English corpus, in order: --forgetting_data_dir's files, else the Hub dataset's
     train split. A local directory that cannot be read is the user's to fix (ToolError); a Hub dataset that cannot
     be loaded raises what the libraries raised."""
@@ -48,7 +48,7 @@ def forgetting_texts(args: argparse.Namespace) -> list[str]:
     return loaded["text"]
 
 
-def forgetting_blocks(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -> Forgetting:
+def forgetting_blocks(args: RunSettings, tokenizer: PreTrainedTokenizerBase) -> Forgetting:
     """The first --forgetting_tokens tokens of the corpus in --block_size blocks (cached as WikiText's are), or
     why forgetting is not measured."""
     if not (args.forgetting_data_dir or args.forgetting_dataset):
