@@ -84,6 +84,7 @@ def settings(run: Run) -> dict[str, Any]:
         "world_size": run.get("world_size"),
         "global_batch_size": run.get("global_batch_size"),
         "gpus_per_process": run.get("gpus_per_process"),
+        "checkpoint_dtype": run.get("checkpoint_dtype"),
     } | {key: environment.get(key) for key in HARDWARE}
     return {
         k: canonical(k, v)
