@@ -120,6 +120,12 @@ def data_flags() -> argparse.ArgumentParser:
     g.add_argument("--data_dir", help="local train/validation/test .txt (a row per line) or .parquet (a text column)")
     g.add_argument("--data_fraction", type=fraction, default=1.0, help="seeded share of each split (default: 1)")
     g.add_argument("--block_size", type=positive_int, default=512, help="tokens per training block (default: 512)")
+    g.add_argument(
+        "--eval_stride",
+        type=positive_int,
+        help="validation/test perplexity over --block_size windows S tokens apart, each token scored once "
+        "(default: --block_size, non-overlapping blocks)",
+    )
     g.add_argument("--batch_size", type=positive_int, default=4, help="blocks per device per step (default: 4)")
     g.add_argument("--seed", type=int, default=2024, help="(default: 2024)")
     g.add_argument(
@@ -246,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
+    if getattr(args, "eval_stride", None) and args.eval_stride > args.block_size:
+        parser.error(f"--eval_stride {args.eval_stride} would skip tokens: at most --block_size ({args.block_size})")
     if args.command == "study":
         per_arm = [f"--{k}" for k in ("run_name", "resume") if getattr(args, k) is not None]
         if per_arm:

@@ -159,7 +159,9 @@ def evaluation_trainer(args: argparse.Namespace, model: PreTrainedModel, run_dir
 def load_packed_splits(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -> tuple[dict, dict]:
     """The text splits, and each packed into blocks (from the cache when it has them)."""
     splits = load_text_splits(args.dataset, args.dataset_config, args.data_dir)
-    data = prepare_lm_splits(splits, tokenizer, args.block_size, args.data_fraction, args.seed, args.cache_dir)
+    data = prepare_lm_splits(
+        splits, tokenizer, args.block_size, args.data_fraction, args.seed, args.cache_dir, args.eval_stride
+    )
     return splits, data
 
 

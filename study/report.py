@@ -43,6 +43,7 @@ COMPARABLE = (
     "data_dir",
     "data_fraction",
     "block_size",
+    "eval_stride",
     "seed",
     "eval_examples",
     "num_beams",
@@ -72,11 +73,13 @@ def canonical(key: str, value: Any) -> Any:
 
 def settings(run: Run) -> dict[str, Any]:
     """What the run is: every flag but where it was written (and the Hub dataset when --data_dir replaced it, the
-    epochs when --max_steps did), its method, the precision it ran at, and on how many processes and GPUs."""
+    epochs when --max_steps did; the evaluation stride as the tokens it is), its method, the precision it ran at,
+    and on how many processes and GPUs."""
     config = run.get("config", {})
     unused = NOT_SETTINGS + (("dataset", "dataset_config") if config.get("data_dir") else ())
     unused += ("epochs",) if config.get("max_steps") else ()
     return {k: canonical(k, v) for k, v in config.items() if k not in unused} | {
+        "eval_stride": config.get("eval_stride") or config.get("block_size"),  # unset (or older runs): the blocks
         "method": method(run),
         "precision": run.get("precision"),
         "device": (run.get("environment") or {}).get("device"),
