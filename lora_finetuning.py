@@ -8,6 +8,7 @@ from typing import Any
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
+from analysis.weight_update import after_training
 from pipeline.modeling import load_causal_lm, load_tokenizer
 from pipeline.training import finetune
 
@@ -29,4 +30,4 @@ def add_lora_adapters(model: PreTrainedModel, args: argparse.Namespace) -> PeftM
 def run(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = load_tokenizer(args.model)
     model = add_lora_adapters(load_causal_lm(args.model, from_scratch=args.from_scratch), args)
-    return finetune(args, "lora", model, tokenizer)
+    return after_training(finetune(args, "lora", model, tokenizer))

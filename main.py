@@ -222,7 +222,9 @@ def lora_flags(per_arm: bool = False) -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{full,lora,evaluate,compare,study,score}")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="{full,lora,evaluate,compare,study,score,analyze}"
+    )
     full, lora = (training_flags(*METHOD_DEFAULTS[m]) for m in ("full", "lora"))
     commands.add_parser("full", help="fine-tune every weight", parents=[data_flags(), full])
     commands.add_parser("lora", help="fine-tune LoRA adapters", parents=[data_flags(), lora, lora_flags()])
@@ -247,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--study_name", help="directory under --output_dir (default: study-<timestamp>)")
     score = commands.add_parser("score", help="score a CSV with reference and hypothesis columns")
     score.add_argument("csv", help="e.g. results/<run>/generations.csv")
+    analyze = commands.add_parser("analyze", help="the shape of a saved run's weight update, into its results.json")
+    analyze.add_argument("run_dir", help="a full or lora run's directory, e.g. results/<run>")
     return parser
 
 
@@ -287,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.scoring import score_csv
 
             score_csv(args.csv)
+        elif args.command == "analyze":
+            from analysis.weight_update import analyze_saved_run
+
+            analyze_saved_run(args.run_dir)
         else:
             from pipeline.hub import resolve_sources
 
