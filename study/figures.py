@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import ScalarFormatter  # noqa: E402
 
 from pipeline.summary import save_png  # noqa: E402
 
@@ -184,7 +185,8 @@ def plot_update_spectrum(runs: list[Run], labels: list[str], ranks: list[int], p
         ax.axvline(rank, color="grey", linewidth=0.8)
         ax.text(rank, 0.02, f" LoRA r={rank}", rotation=90, fontsize=8, color="grey", va="bottom")
     ax.axhline(full[0][0]["energy_share"], color="black", linewidth=0.6, linestyle=":")
-    ax.set_xscale("log")
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(ScalarFormatter())  # 1, 2, 4, ... rather than powers of 2
     ax.set_ylim(0, 1.02)
     ax.set(
         xlabel="rank r",

@@ -130,3 +130,13 @@ def test_a_from_scratch_start_is_rebuilt_from_its_seed(common_flags, tmp_path):
     shape = json.loads((tmp_path / "scratch" / "results.json").read_text())[KEY]
     norms = [m["relative_update_norm"] for m in shape["matrices"].values()]
     assert len(norms) == 8 and max(norms) < 1e-3
+
+
+def test_the_report_shows_the_update_shape_table_and_the_spectrum_figure(trained_runs, capsys):
+    assert cli.main(["compare", "--output_dir", str(trained_runs["output_dir"])]) == 0
+    report = (trained_runs["output_dir"] / "report.md").read_text()
+    section = report[report.index("## Shape of the weight update") : report.index("## Example continuations")]
+    assert "median 90%-energy rank" in section and "median energy at rank 4" in section  # full, at LoRA's rank
+    assert section.count("| full (full-run)") == 4 and section.count("| lora (lora-run)") == 3  # a row per type
+    assert "![Update spectrum](update_spectrum.png)" in section
+    assert (trained_runs["output_dir"] / "update_spectrum.png").read_bytes()[:4] == b"\x89PNG"
