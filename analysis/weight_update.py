@@ -29,7 +29,11 @@ from utils import ToolError, one_line
 ENERGY_SHARE = 0.9  # the rank that holds this share of the update's energy (squared Frobenius norm)
 INTRUDER_TOP_K = 10  # the fine-tuned matrix's top singular vectors examined (Shuttleworth et al.)
 INTRUDER_THRESHOLD = 0.5  # ... an intruder when its largest |cosine| with every pre-trained one is below this
+# Weights are read and subtracted in float64 (the update exactly, however small against the weights); the
+# decompositions run in float32, which resolves the figures here (energy shares, cosines against 0.5) to about 1e-6
+# in less time than float64 (GPT-2 small, the whole `analyze`: 68 s against 94 s of one CPU core).
 DTYPE = torch.float64
+COMPUTE_DTYPE = torch.float32
 KEY = "update_shape"
 TRAINED_MODES = ("full", "lora")
 
@@ -65,8 +69,8 @@ def energy_rank(cumulative: torch.Tensor, share: float = ENERGY_SHARE) -> int:
 def intruder_dimensions(base: torch.Tensor, tuned: torch.Tensor) -> list[int]:
     """Ranks (0 = largest) among the tuned matrix's top INTRUDER_TOP_K left singular vectors whose largest
     |cosine similarity| with every left singular vector of the base matrix is below INTRUDER_THRESHOLD."""
-    base_vectors = torch.linalg.svd(base, full_matrices=False).U
-    tuned_vectors = torch.linalg.svd(tuned, full_matrices=False).U[:, :INTRUDER_TOP_K]
+    base_vectors = torch.linalg.svd(base.to(COMPUTE_DTYPE), full_matrices=False).U
+    tuned_vectors = torch.linalg.svd(tuned.to(COMPUTE_DTYPE), full_matrices=False).U[:, :INTRUDER_TOP_K]
     similarity = (tuned_vectors.T @ base_vectors).abs().amax(dim=1)  # singular vectors are unit length
     return [int(i) for i in torch.nonzero(similarity < INTRUDER_THRESHOLD).flatten()]
 
@@ -74,7 +78,7 @@ def intruder_dimensions(base: torch.Tensor, tuned: torch.Tensor) -> list[int]:
 def matrix_shape(base: torch.Tensor, tuned: torch.Tensor) -> dict[str, Any]:
     """Every figure of one matrix's update `tuned - base` (both (out, in), float64)."""
     update = tuned - base
-    singular_values = torch.linalg.svdvals(update)
+    singular_values = torch.linalg.svdvals(update.to(COMPUTE_DTYPE)).double()
     cumulative = torch.cumsum(singular_values**2, 0)
     total = float(cumulative[-1])
     ranks = [2**i for i in range(len(singular_values).bit_length()) if 2**i <= len(singular_values)]
@@ -143,7 +147,7 @@ def analyze_run(run_dir: Path, model: str | None = None) -> dict[str, Any]:
         "intruder_top_k": INTRUDER_TOP_K,
         "intruder_threshold": INTRUDER_THRESHOLD,
         "orientation": "(out, in)",
-        "dtype": str(DTYPE).removeprefix("torch."),
+        "dtype": str(COMPUTE_DTYPE).removeprefix("torch."),
         "seconds": time.perf_counter() - start,
         "torch_threads": torch.get_num_threads(),
         "matrices": matrices,

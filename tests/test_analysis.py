@@ -34,10 +34,11 @@ def test_a_rank_3_update_has_the_spectrum_it_was_built_with():
     )
     shape = matrix_shape(base, base + update)
     values = shape["singular_values"]
-    assert values[:3] == pytest.approx([3.0, 2.0, 1.0], rel=1e-5) and max(values[3:]) < 1e-12
+    assert values[:3] == pytest.approx([3.0, 2.0, 1.0], rel=1e-5) and max(values[3:]) < 1e-5  # float32's resolution
     assert shape["energy_rank_90"] == 2  # 9/14 of the energy in one direction, 13/14 in two
     kept = shape["energy_kept_at_rank"]
-    assert kept["1"] == pytest.approx(9 / 14) and kept["2"] == pytest.approx(13 / 14) and kept["4"] == pytest.approx(1)
+    assert kept["1"] == pytest.approx(9 / 14, rel=1e-5) and kept["2"] == pytest.approx(13 / 14, rel=1e-5)
+    assert kept["4"] == pytest.approx(1, rel=1e-5)
     assert shape["shape"] == [40, 24]
     assert shape["relative_update_norm"] == pytest.approx(math.sqrt(14) / base.norm().item())
 
@@ -83,7 +84,7 @@ def test_trained_runs_record_the_update_shape_and_analyze_recomputes_it(trained_
     for mode, touched in (("full", 8), ("lora", 6)):
         recorded = json.loads((trained_runs[mode] / "results.json").read_text())
         shape = recorded[KEY]
-        assert len(shape["matrices"]) == touched and shape["intruder_top_k"] == 10 and shape["dtype"] == "float64"
+        assert len(shape["matrices"]) == touched and shape["intruder_top_k"] == 10 and shape["dtype"] == "float32"
         types = {m["type"] for m in shape["matrices"].values()}
         assert types == {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"} - (
             {"mlp.c_fc"} if mode == "lora" else set()
@@ -91,7 +92,8 @@ def test_trained_runs_record_the_update_shape_and_analyze_recomputes_it(trained_
         for matrix in shape["matrices"].values():
             assert 0 < matrix["energy_rank_90"] <= min(matrix["shape"])
             if mode == "lora":  # a rank-4 adapter's update has rank 4 at most
-                assert matrix["energy_rank_90"] <= 4 and max(matrix["singular_values"][4:]) < 1e-6
+                values = matrix["singular_values"]
+                assert matrix["energy_rank_90"] <= 4 and max(values[4:]) < 1e-5 * values[0]
 
         copy = tmp_path / mode
         shutil.copytree(trained_runs[mode], copy, ignore=shutil.ignore_patterns("checkpoints"))
