@@ -100,13 +100,13 @@ def base_model(config: dict[str, Any], model: str) -> PreTrainedModel:
     training drew (main.py seeds with --seed, then the recipe builds the model before anything else draws)."""
     if config.get("from_scratch"):
         transformers.set_seed(config["seed"])
-    return load_causal_lm(model, from_scratch=bool(config.get("from_scratch")))
+    return load_causal_lm(model, from_scratch=bool(config.get("from_scratch")))[0]
 
 
 def trained_weights(run_dir: Path, mode: str, base: PreTrainedModel) -> dict[str, torch.Tensor]:
     """The run's weights as it ended: the saved model, or the adapter merged into `base` by PEFT's own merge."""
     if mode == "full":
-        return projection_weights(load_causal_lm(str(run_dir / "model")))
+        return projection_weights(load_causal_lm(str(run_dir / "model"))[0])
     try:
         adapted = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
     except Exception as e:  # peft raises ValueError/OSError/HF errors for a missing or foreign adapter

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -10,14 +9,15 @@ from peft import PeftModel
 
 from pipeline.modeling import load_causal_lm, load_tokenizer
 from pipeline.run_directory import write_results
+from pipeline.settings import RunSettings
 from pipeline.training import claim_run, evaluate_and_save_results, evaluation_trainer, load_packed_splits, run_record
 from utils import ToolError, one_line
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: RunSettings) -> dict[str, Any]:
     mode = "adapter" if args.adapter else "saved" if is_saved_run_model(args.model) else "base"
     tokenizer = load_tokenizer(args.model)
-    model = load_causal_lm(args.model, from_scratch=args.from_scratch)
+    model, checkpoint_dtype = load_causal_lm(args.model, from_scratch=args.from_scratch)
     if args.adapter:
         try:
             model = PeftModel.from_pretrained(model, args.adapter)
@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.run_name = run.path.name
         splits, data = load_packed_splits(args, tokenizer)
         trainer = evaluation_trainer(args, model, run.path)
-        results = run_record(args, mode, run, model, trainer)
+        results = run_record(args, mode, run, model, trainer, checkpoint_dtype)
         if trainer.is_world_process_zero():
             write_results(run.path, results)
         return evaluate_and_save_results(args, results, trainer, tokenizer, splits, data)

@@ -21,6 +21,7 @@ TABLE_ROWS = (
     ("Model size (MB)", "model_size_mb"),
     ("Trainable parameters", "trainable_params"),
     ("Training time (s)", "train_time_s"),
+    ("First-step time (s)", "first_step_s"),
     ("Evaluation time (s)", "eval_time_s"),
     ("Checkpoint time (s)", "checkpoint_time_s"),
     ("Peak GPU memory (MB)", "peak_gpu_memory_mb"),

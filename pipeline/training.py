@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 from pathlib import Path
@@ -20,16 +19,25 @@ from pipeline.measurement import PeakMemoryTracker, best, max_over_processes, pe
 from pipeline.modeling import count_parameters
 from pipeline.run_control import CheckedTrainer, StopOnSignal
 from pipeline.run_directory import RunDirectory, mark_failed, open_run, write_checkpoint_figures, write_results
+from pipeline.settings import RunSettings
 from pipeline.summary import method_name, plot_loss_curves, print_run_summary
 from utils import MIB, RunInterrupted, ToolError, environment_info, make_durable, timestamp
 
+PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
 
 def resolve_precision(choice: str) -> str:
-    """auto: bf16 on GPUs that support it, else fp16 on CUDA, else fp32."""
+    """--precision for this machine (see choose_precision)."""
     cuda = torch.cuda.is_available()
+    # Native only: by default torch also counts bf16 that pre-Ampere GPUs (T4, V100) emulate, at emulated speed.
+    return choose_precision(choice, cuda, cuda and torch.cuda.is_bf16_supported(including_emulation=False))
+
+
+def choose_precision(choice: str, cuda_available: bool, bf16_native: bool) -> str:
+    """auto: bf16 on GPUs that run it natively, else fp16 on CUDA, else fp32; an explicit choice as given."""
     if choice == "auto":
-        return ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
-    if choice == "fp16" and not cuda:
+        return ("bf16" if bf16_native else "fp16") if cuda_available else "fp32"
+    if choice == "fp16" and not cuda_available:
         raise ToolError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on this machine")
     return choice
 
@@ -44,7 +52,7 @@ def cpu_only() -> bool:
     return not torch.cuda.is_available() and not torch.backends.mps.is_available()
 
 
-def claim_run(args: argparse.Namespace, mode: str) -> RunDirectory:
+def claim_run(args: RunSettings, mode: str) -> RunDirectory:
     """Open the run (a new directory or an unfinished one to continue) on the main process; the others learn
     its directory, checkpoint and figures from it, and every process raises the same error if it fails."""
     state = process_state()
@@ -89,7 +97,7 @@ def save_model(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, target: Pat
     return sum(f.stat().st_size for f in target.glob("*.safetensors")) / MIB
 
 
-def training_arguments(args: argparse.Namespace, run_dir: Path, **training: Any) -> TrainingArguments:
+def training_arguments(args: RunSettings, run_dir: Path, **training: Any) -> TrainingArguments:
     """The Trainer's arguments for this run: evaluation and precision as every run shares them, plus `training`."""
     precision = resolve_precision(args.precision)
     return TrainingArguments(
@@ -99,7 +107,7 @@ def training_arguments(args: argparse.Namespace, run_dir: Path, **training: Any)
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=cpu_only(),
-        report_to=getattr(args, "report_to", "none"),  # evaluate has no tracker flag
+        report_to=args.report_to or "none",  # evaluate has no tracker flag
         run_name=args.run_name,
         logging_nan_inf_filter=False,  # a non-finite loss must show, not be dropped from a mean
         **training,
@@ -107,7 +115,7 @@ def training_arguments(args: argparse.Namespace, run_dir: Path, **training: Any)
 
 
 def build_trainer(
-    args: argparse.Namespace, model: PreTrainedModel, data: dict[str, PackedBlocks], run_dir: Path
+    args: RunSettings, model: PreTrainedModel, data: dict[str, PackedBlocks], run_dir: Path
 ) -> CheckedTrainer:
     training_args = training_arguments(
         args,
@@ -118,6 +126,8 @@ def build_trainer(
         max_steps=args.max_steps or -1,
         learning_rate=args.learning_rate,
         weight_decay=args.weight_decay,
+        lr_scheduler_type=args.lr_scheduler_type,
+        warmup_steps=args.warmup_steps,
         eval_strategy="steps" if args.eval_steps else "epoch",
         eval_steps=args.eval_steps,
         logging_steps=args.logging_steps,
@@ -151,12 +161,12 @@ def final_validation_loss(trainer: Trainer, validation: PackedBlocks) -> float:
     return trainer.evaluate(validation)["eval_loss"]
 
 
-def evaluation_trainer(args: argparse.Namespace, model: PreTrainedModel, run_dir: Path) -> CheckedTrainer:
+def evaluation_trainer(args: RunSettings, model: PreTrainedModel, run_dir: Path) -> CheckedTrainer:
     """A Trainer that only evaluates, for models this tool did not train: at the precision training runs use."""
     return CheckedTrainer(model=model, args=training_arguments(args, run_dir), data_collator=default_data_collator)
 
 
-def load_packed_splits(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -> tuple[dict, dict]:
+def load_packed_splits(args: RunSettings, tokenizer: PreTrainedTokenizerBase) -> tuple[dict, dict]:
     """The text splits, and each packed into blocks (from the cache when it has them)."""
     splits = load_text_splits(args.dataset, args.dataset_config, args.data_dir)
     data = prepare_lm_splits(
@@ -166,36 +176,46 @@ def load_packed_splits(args: argparse.Namespace, tokenizer: PreTrainedTokenizerB
 
 
 def run_record(
-    args: argparse.Namespace, mode: str, run: RunDirectory, model: PreTrainedModel, trainer: Trainer
+    args: RunSettings,
+    mode: str,
+    run: RunDirectory,
+    model: PreTrainedModel,
+    trainer: Trainer,
+    checkpoint_dtype: str,
 ) -> dict[str, Any]:
     """The fields of results.json every run has, before anything is measured."""
     trainable, total = count_parameters(model)
+    config, paths_as_typed = args.recorded_config()
     return {
         "status": "running",
         "mode": mode,
-        "method": method_name(mode, vars(args)),
-        "model": args.model,
+        "method": method_name(mode, config),
+        "model": config["model"],
         "run_dir": str(run.path),
         "started_at": run.started_at or timestamp(),
         "resumed_from": str(run.checkpoint) if run.checkpoint else None,
-        "config": vars(args),
+        "config": config,
+        "paths_as_typed": paths_as_typed,
         "environment": environment_info(),
         "hub_unreachable_reason": hub.unreachable_reason,  # set when the run read the local cache instead
         "precision": resolve_precision(args.precision),
+        "checkpoint_dtype": checkpoint_dtype,  # the weights are trained (and evaluated) in float32 whatever it is
         "world_size": trainer.args.world_size,
         "peak_memory_is_max_over_processes": trainer.args.world_size > 1,
         "gpus_per_process": trainer.args.n_gpu,
-        # train_batch_size counts every GPU a single process drives (the Trainer's DataParallel)
+        # train_batch_size counts every GPU a single process drives (the Trainer's DataParallel); none untrained
         "global_batch_size": trainer.args.train_batch_size
         * trainer.args.gradient_accumulation_steps
-        * trainer.args.world_size,
+        * trainer.args.world_size
+        if mode in ("full", "lora")
+        else None,
         "trainable_params": trainable if mode != "base" else 0,
         "total_params": total,
     }
 
 
 def evaluate_and_save_results(
-    args: argparse.Namespace,
+    args: RunSettings,
     results: dict[str, Any],
     trainer: CheckedTrainer,
     tokenizer: PreTrainedTokenizerBase,
@@ -217,13 +237,19 @@ def evaluate_and_save_results(
         test_loss=test_loss,
         test_perplexity=perplexity(test_loss),
         metrics=None,
+        generation_precision=None,
     )
     if not trainer.is_world_process_zero():
         return results
     pairs = prompt_reference_pairs(splits["test"], args.eval_examples)
     if pairs:
+        # Without the autocast wrapper accelerate put on the forward: it would hold for full and base but not for
+        # the forward PEFT's generate calls, and in bf16 batched and one-at-a-time beams part ways. Every arm
+        # generates with its weights as they are: float32 (load_causal_lm).
+        model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+        results["generation_precision"] = PRECISION_NAMES[model.dtype]
         results["metrics"] = evaluate_generation(
-            trainer.accelerator.unwrap_model(trainer.model),
+            model,
             tokenizer,
             pairs,
             num_beams=args.num_beams,
@@ -245,23 +271,29 @@ def figures_so_far(trainer: CheckedTrainer, memory: PeakMemoryTracker, previous:
     for key, value in peaks.items():  # a resumed run's peak covers the sessions before it too
         peaks[key] = max((v for v in (value, previous.get(key)) if v is not None), default=None)
     tokens = int(trainer.state.num_input_tokens_seen)  # every process's tokens, restored on resume
-    seconds = trainer.clock.seconds
+    clock = trainer.clock
     return {
-        **seconds,
+        **clock.seconds,
         **peaks,
         "optimizer_steps": trainer.state.global_step,
         "train_tokens": tokens,
-        "train_tokens_per_s": tokens / seconds["train_time_s"] if seconds["train_time_s"] else None,
+        "first_step_tokens": clock.first_step_tokens,
+        "train_tokens_per_s": clock.tokens_per_s(tokens),
     }
 
 
 def finetune(
-    args: argparse.Namespace, mode: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+    args: RunSettings,
+    mode: str,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    checkpoint_dtype: str,
 ) -> dict[str, Any]:
-    """Train `model` on the packed splits, measure the run, evaluate it, save it; return results.json's content."""
+    """Train `model` (loaded from a checkpoint of `checkpoint_dtype`) on the packed splits, measure the run,
+    evaluate it, save it; return results.json's content."""
     with claim_run(args, mode) as run:
         try:
-            return train_evaluate_save(args, mode, model, tokenizer, run)
+            return train_evaluate_save(args, mode, model, tokenizer, checkpoint_dtype, run)
         except RunInterrupted:
             raise
         except Exception as e:
@@ -271,10 +303,11 @@ def finetune(
 
 
 def train_evaluate_save(
-    args: argparse.Namespace,
+    args: RunSettings,
     mode: str,
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
+    checkpoint_dtype: str,
     run: RunDirectory,
 ) -> dict[str, Any]:
     """finetune() inside the run directory it holds."""
@@ -286,7 +319,7 @@ def train_evaluate_save(
     trainer.clock.start_from(run.figures)
     stop = StopOnSignal()
     trainer.add_callback(stop)
-    results = run_record(args, mode, run, model, trainer)
+    results = run_record(args, mode, run, model, trainer, checkpoint_dtype)
     main = trainer.is_world_process_zero()
 
     with PeakMemoryTracker() as memory, stop:

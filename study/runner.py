@@ -8,52 +8,75 @@ an unfinished one is resumed, a missing one is run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from pipeline.settings import METHOD_DEFAULTS, SETTING_KINDS, RunSettings
 from study.report import canonical, compare
 from utils import RunInterrupted, ToolError, timestamp
 
 MAIN = Path(__file__).resolve().parents[1] / "main.py"
-LORA_VARIANT_FLAGS = {"lora": [], "dora": ["--use_dora"], "rslora": ["--use_rslora"]}
-NOT_PASSED = ("command", "run_name", "resume", "output_dir")  # the study sets these for each arm
+LORA_VARIANTS = {"lora": {}, "dora": {"use_dora": True}, "rslora": {"use_rslora": True}}
 
 
-def arms(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
-    """(run name, command, the arm's own flags) of every arm, in the order they run."""
+@dataclass
+class StudySettings:
+    """What `study` is told beyond the settings its runs share."""
+
+    arms: list[str]
+    lora_ranks: list[int]
+    study_name: str | None
+
+
+@dataclass
+class PlannedRun:
+    """One run of the study: its name in the study's directory, and its settings."""
+
+    name: str
+    settings: RunSettings
+
+
+def planned_runs(study: StudySettings, shared: RunSettings, study_dir: Path) -> list[PlannedRun]:
+    """Every run of the study, in the order they run: the shared settings with each arm's own fields replaced
+    (command, method, rank, and each method's own learning rate and weight decay unless the study set them)."""
     planned = []
-    for arm in args.arms:
+    for arm in study.arms:
         if arm == "base":
-            planned.append(("base", "evaluate", []))
+            variants = [("base", {"command": "evaluate"})]
         elif arm == "full":
-            planned.append(("full", "full", []))
+            variants = [("full", {"command": "full"})]
         else:
-            planned += [
-                (f"{arm}-r{r}", "lora", ["--lora_rank", str(r), *LORA_VARIANT_FLAGS[arm]]) for r in args.lora_ranks
+            variants = [
+                (f"{arm}-r{r}", {"command": "lora", "lora_rank": r, "use_dora": False, "use_rslora": False})
+                for r in study.lora_ranks
             ]
+        for name, fields in variants:
+            run = replace(shared, **fields, output_dir=str(study_dir), run_name=name, resume=None)
+            run = replace(run, **{**method_defaults(run), **LORA_VARIANTS.get(arm, {})})
+            planned.append(PlannedRun(name, run))
     return planned
 
 
-def shared_flags(args: argparse.Namespace, defaults: dict) -> list[str]:
-    """The study's settings that the arm's command takes, as flags; a setting left at the command's default
-    (or unset, like the per-method learning rate) is not passed, so the command's own default applies."""
-    flags = []
-    for key, default in defaults.items():
-        value = getattr(args, key, None)
-        if key in NOT_PASSED or value is None or value == default or value is False:
-            continue
-        flags.append(f"--{key}")
-        if value is not True:
-            flags.append(",".join(map(str, value)) if isinstance(value, list) else str(value))
-    return flags
+def method_defaults(run: RunSettings) -> dict:
+    """The run's learning rate and weight decay: the study's when it set them, else its method's own; settings
+    its command does not take are None."""
+    if run.command not in METHOD_DEFAULTS:
+        return {name: None for name in dataclasses.asdict(run) if not run.applies(name)}
+    rate, decay = METHOD_DEFAULTS[run.command]
+    return {
+        "learning_rate": run.learning_rate if run.learning_rate is not None else rate,
+        "weight_decay": run.weight_decay if run.weight_decay is not None else decay,
+    }
 
 
 def recorded(run_dir: Path) -> dict:
-    """The arm's results.json; empty when it has none that can be read."""
+    """The run's results.json; empty when it has none that can be read."""
     try:
         results = json.loads((run_dir / "results.json").read_text())
     except (OSError, ValueError):
@@ -61,17 +84,13 @@ def recorded(run_dir: Path) -> dict:
     return results if isinstance(results, dict) else {}
 
 
-# Flags that change how a run is logged, checkpointed or batched for generation, not what it measures.
-NOT_RESULTS = ("cache_dir", "logging_steps", "eval_batch_size", "report_to", "save_steps", "save_total_limit")
-
-
-def changed_settings(config: dict, expected: argparse.Namespace) -> list[str]:
-    """The flags whose recorded value differs from what this study command would run the arm with."""
+def changed_settings(config: dict, expected: RunSettings) -> list[str]:
+    """The settings (bookkeeping aside) whose recorded value differs from what this study would run with."""
     return [
         f"--{key} {config.get(key)} -> {value}"
-        for key, value in vars(expected).items()
+        for key, value in expected.to_config().items()
         if key in config
-        and key not in (*NOT_PASSED, *NOT_RESULTS)
+        and SETTING_KINDS[key] != "bookkeeping"
         and json.dumps(canonical(key, config[key])) != json.dumps(canonical(key, value))
     ]
 
@@ -91,34 +110,34 @@ def run_arm(argv: list[str]) -> int:
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """Run the arms that are not finished, then print the table and write the report in the study's directory."""
-    name = args.study_name or f"study-{timestamp()}"
+    """Run the study's runs that are not finished, then print the table and write the report in its directory."""
+    study = StudySettings(args.arms, args.lora_ranks, args.study_name)
+    name = study.study_name or f"study-{timestamp()}"
     study_dir = Path(args.output_dir) / name
     again = f"rerun the same command with --study_name {name} to continue"
-    planned = arms(args)
-    print(f"study {name}: arms {', '.join(a for a, _, _ in planned)} in {study_dir}", flush=True)
-    commands, records = {}, {}
-    for arm, command, own_flags in planned:  # every arm checked before any runs: a study never mixes settings
-        flags = shared_flags(args, vars(parser.parse_args([command])))
-        commands[arm] = [command, *flags, *own_flags, "--output_dir", str(study_dir), "--run_name", arm]
-        records[arm] = recorded(study_dir / arm)
-        changed = changed_settings(records[arm].get("config", {}), parser.parse_args(commands[arm]))
+    planned = planned_runs(study, RunSettings.from_flags(args), study_dir)
+    print(f"study {name}: arms {', '.join(p.name for p in planned)} in {study_dir}", flush=True)
+    records = {}
+    for p in planned:  # every run checked before any runs: a study never mixes settings
+        records[p.name] = recorded(study_dir / p.name)
+        changed = changed_settings(records[p.name].get("config", {}), p.settings)
         if changed:
             raise ToolError(
-                f"study {name}: {arm} was started with other settings ({', '.join(changed)}); "
+                f"study {name}: {p.name} was started with other settings ({', '.join(changed)}); "
                 "give this study another --study_name"
             )
-    for arm, _, _ in planned:
-        run_dir, argv = study_dir / arm, commands[arm]
-        if records[arm].get("status") == "finished":
-            print(f"study {name}: {arm} finished already, skipped", flush=True)
+    for p in planned:
+        if records[p.name].get("status") == "finished":
+            print(f"study {name}: {p.name} finished already, skipped", flush=True)
             continue
-        argv += ["--resume"] if run_dir.exists() else []
-        print(f"study {name}: {arm}: python main.py {shlex.join(argv)}", flush=True)
+        defaults = RunSettings.from_flags(parser.parse_args([p.settings.command]))
+        argv = p.settings.to_argv(defaults)
+        argv += ["--resume"] if (study_dir / p.name).exists() else []
+        print(f"study {name}: {p.name}: python main.py {shlex.join(argv)}", flush=True)
         code = run_arm([sys.executable, str(MAIN), *argv])
         if code == 130 or code < 0:  # stopped by Ctrl-C/SIGTERM cleanly (130), or killed by a signal
-            raise RunInterrupted(f"study {name} stopped during {arm}; {again}")
+            raise RunInterrupted(f"study {name} stopped during {p.name}; {again}")
         if code != 0:
-            raise ToolError(f"study {name}: {arm} failed with exit status {code} (its error is above); {again}")
-    print(compare(study_dir, run_names={arm for arm, _, _ in planned}))
+            raise ToolError(f"study {name}: {p.name} failed with exit status {code} (its error is above); {again}")
+    print(compare(study_dir, run_names={p.name for p in planned}))
     print(f"\nreport: {study_dir / 'report.md'}")
