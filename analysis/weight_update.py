@@ -66,11 +66,26 @@ def energy_rank(cumulative: torch.Tensor, share: float = ENERGY_SHARE) -> int:
     return int(torch.searchsorted(cumulative, share * cumulative[-1]).item()) + 1
 
 
+def left_singular_vectors(matrix: torch.Tensor) -> torch.Tensor:
+    """U of the thin SVD, as columns, in COMPUTE_DTYPE. LAPACK decomposes a wide matrix ~3x slower than its
+    transpose (GPT-2's mlp.c_proj, 768 x 3072), so a wide one is decomposed transposed: its U is that one's V."""
+    matrix = matrix.to(COMPUTE_DTYPE)
+    if matrix.shape[0] < matrix.shape[1]:
+        return torch.linalg.svd(matrix.T, full_matrices=False).Vh.T
+    return torch.linalg.svd(matrix, full_matrices=False).U
+
+
+def singular_values(matrix: torch.Tensor) -> torch.Tensor:
+    """The singular values in COMPUTE_DTYPE, from the tall orientation (the same values, faster)."""
+    matrix = matrix.to(COMPUTE_DTYPE)
+    return torch.linalg.svdvals(matrix.T if matrix.shape[0] < matrix.shape[1] else matrix)
+
+
 def intruder_dimensions(base: torch.Tensor, tuned: torch.Tensor) -> list[int]:
     """Ranks (0 = largest) among the tuned matrix's top INTRUDER_TOP_K left singular vectors whose largest
     |cosine similarity| with every left singular vector of the base matrix is below INTRUDER_THRESHOLD."""
-    base_vectors = torch.linalg.svd(base.to(COMPUTE_DTYPE), full_matrices=False).U
-    tuned_vectors = torch.linalg.svd(tuned.to(COMPUTE_DTYPE), full_matrices=False).U[:, :INTRUDER_TOP_K]
+    base_vectors = left_singular_vectors(base)
+    tuned_vectors = left_singular_vectors(tuned)[:, :INTRUDER_TOP_K]
     similarity = (tuned_vectors.T @ base_vectors).abs().amax(dim=1)  # singular vectors are unit length
     return [int(i) for i in torch.nonzero(similarity < INTRUDER_THRESHOLD).flatten()]
 
@@ -78,10 +93,10 @@ def intruder_dimensions(base: torch.Tensor, tuned: torch.Tensor) -> list[int]:
 def matrix_shape(base: torch.Tensor, tuned: torch.Tensor) -> dict[str, Any]:
     """Every figure of one matrix's update `tuned - base` (both (out, in), float64)."""
     update = tuned - base
-    singular_values = torch.linalg.svdvals(update.to(COMPUTE_DTYPE)).double()
-    cumulative = torch.cumsum(singular_values**2, 0)
+    values = singular_values(update).double()
+    cumulative = torch.cumsum(values**2, 0)
     total = float(cumulative[-1])
-    ranks = [2**i for i in range(len(singular_values).bit_length()) if 2**i <= len(singular_values)]
+    ranks = [2**i for i in range(len(values).bit_length()) if 2**i <= len(values)]
     intruders = intruder_dimensions(base, tuned)
     return {
         "shape": list(update.shape),
@@ -91,7 +106,7 @@ def matrix_shape(base: torch.Tensor, tuned: torch.Tensor) -> dict[str, Any]:
         "energy_kept_at_rank": {str(r): float(cumulative[r - 1]) / total if total else None for r in ranks},
         "intruder_dimensions": len(intruders),
         "intruder_ranks": intruders,
-        "singular_values": [float(f"{s:.6g}") for s in singular_values.tolist()],
+        "singular_values": [float(f"{s:.6g}") for s in values.tolist()],
     }
 
 

@@ -212,7 +212,10 @@ def compare(output_dir: Path, include_all: bool = False, run_names: set[str] | N
 
 def comparison_record(runs: list[Run]) -> dict[str, Any]:
     shared, differ = differences(runs)
-    figures = [{k: v for k, v in r.items() if k != "log_history"} | {"label": label(r)} for r in runs]
+    # Each run's own results.json keeps the long lists: the log, and the per-matrix spectra (~1 MB for GPT-2 small)
+    figures = [
+        {k: v for k, v in r.items() if k not in ("log_history", "update_shape")} | {"label": label(r)} for r in runs
+    ]
     return {"runs": figures, "shared_settings": shared, "differing_settings": differ}
 
 
