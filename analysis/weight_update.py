@@ -8,7 +8,6 @@ are transposed first, so left singular vectors live in the layer's output space 
 
 from __future__ import annotations
 
-import argparse
 import re
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from peft import PeftModel
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from pipeline.hub import resolve_sources
+from pipeline.hub import resolve_model
 from pipeline.modeling import load_causal_lm
 from pipeline.run_directory import read_results, write_results
 from study.report import update_shape_text
@@ -177,9 +176,7 @@ def analyze_saved_run(run_dir: str) -> dict[str, Any]:
     """`python main.py analyze RUN_DIR`: the base model found as training found it (the Hub, or its cache when the
     Hub does not answer), then analyze_run."""
     results = check_run(Path(run_dir))
-    source = argparse.Namespace(model=results["config"]["model"], data_dir="(only the model is needed)")
-    resolve_sources(source)
-    return analyze_run(Path(run_dir), source.model)
+    return analyze_run(Path(run_dir), resolve_model(results["config"]["model"]))
 
 
 def after_training(results: dict[str, Any]) -> dict[str, Any]:

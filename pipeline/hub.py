@@ -108,7 +108,6 @@ def resolve_sources(args: RunSettings) -> None:
 
     Nothing is checked when HF_HUB_OFFLINE is set or every source is a local path.
     """
-    global unreachable_reason
     args.model = hub_id("model", args.model)
     sources = [args.model]
     if args.data_dir is None:
@@ -117,18 +116,32 @@ def resolve_sources(args: RunSettings) -> None:
     forgetting = forgetting_hub_id(args)
     if forgetting:
         sources.append(forgetting)
+    if cache_only(sources):
+        args.model = cached_id("model", args.model)
+        if args.data_dir is None:
+            args.dataset = cached_id("dataset", args.dataset)
+
+
+def resolve_model(model: str) -> str:
+    """The id or path to load `model` from, as resolve_sources finds it, when the model is all that is needed."""
+    model = hub_id("model", model)
+    return cached_id("model", model) if cache_only([model]) else model
+
+
+def cache_only(sources: list[str]) -> bool:
+    """Whether `sources` must come from the local cache: some are on the Hub, and it is offline or does not answer
+    (said in one note, and the libraries set to read their cache only)."""
+    global unreachable_reason
     if all(is_local(s) for s in sources):
-        return
+        return False
     if not constants.HF_HUB_OFFLINE:
         unreachable_reason = check_hub()
         if not unreachable_reason:
-            return
+            return False
         note = f"note: the Hugging Face Hub did not answer ({unreachable_reason}); reading the local cache only"
         print(note, file=sys.stderr)
         read_cache_only()
-    args.model = cached_id("model", args.model)
-    if args.data_dir is None:
-        args.dataset = cached_id("dataset", args.dataset)
+    return True
 
 
 def load_error(what: str, name: str, error: Exception, hint: str) -> ToolError:
