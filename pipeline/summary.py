@@ -21,6 +21,7 @@ TABLE_ROWS = (
     ("Model size (MB)", "model_size_mb"),
     ("Trainable parameters", "trainable_params"),
     ("Training time (s)", "train_time_s"),
+    ("Generation time (s)", "generation_time_s"),
     ("Evaluation time (s)", "eval_time_s"),
     ("Checkpoint time (s)", "checkpoint_time_s"),
     ("Peak GPU memory (MB)", "peak_gpu_memory_mb"),
@@ -30,6 +31,8 @@ TABLE_ROWS = (
     ("Validation perplexity", "val_perplexity"),
     ("Test perplexity", "test_perplexity"),
     ("Training tokens/s", "train_tokens_per_s"),
+    ("Generated tokens/s", "generation_tokens_per_s"),
+    ("Other processes' CPU use (cores)", "machine_load.other_cpu_cores_mean"),
     ("BLEU", "metrics.bleu"),
     ("SacreBLEU", "metrics.sacrebleu"),
     ("ROUGE-1", "metrics.rouge1"),
@@ -38,6 +41,21 @@ TABLE_ROWS = (
     ("TER", "metrics.ter"),
     ("chrF", "metrics.chrf"),
     ("METEOR", "metrics.meteor"),
+)
+
+
+# Figures of time, which other work on the machine slows: marked "(busy)" when the run's machine_load says busy.
+TIMED = (
+    "train_time_s",
+    "eval_time_s",
+    "checkpoint_time_s",
+    "generation_time_s",
+    "train_tokens_per_s",
+    "generation_tokens_per_s",
+)
+BUSY_MARK = " (busy)"
+BUSY_NOTE = (
+    f"{BUSY_MARK.strip()}: measured while other processes loaded the machine (machine_load.busy; README, Definitions)"
 )
 
 
@@ -58,10 +76,22 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
+def busy(results: dict[str, Any]) -> bool:
+    return bool(lookup(results, "machine_load.busy"))
+
+
+def figure_text(results: dict[str, Any], key: str) -> str:
+    """A figure of the run as the tables show it, a time figure marked when the machine was busy."""
+    value = lookup(results, key)
+    return format_value(value) + (BUSY_MARK if key in TIMED and value is not None and busy(results) else "")
+
+
 def print_run_summary(results: dict[str, Any], file: TextIO = sys.stdout) -> None:
-    rows = [(label, format_value(lookup(results, key))) for label, key in TABLE_ROWS]
+    rows = [(label, figure_text(results, key)) for label, key in TABLE_ROWS]
     print(f"\n{results['mode']} run: {results['run_dir']}", file=file)
     print(tabulate(rows, tablefmt="simple"), file=file)
+    if busy(results):
+        print(BUSY_NOTE, file=file)
     reason = lookup(results, "metrics.meteor_unavailable_reason")
     if reason:
         print(f"METEOR not computed: {reason}", file=file)

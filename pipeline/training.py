@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, Trai
 from pipeline import hub
 from pipeline.data import PackedBlocks, load_text_splits, prepare_lm_splits, prompt_reference_pairs
 from pipeline.generation import evaluate_generation
-from pipeline.measurement import PeakMemoryTracker, best, max_over_processes, perplexity
+from pipeline.measurement import MachineLoad, PeakMemoryTracker, best, max_over_processes, perplexity
 from pipeline.modeling import count_parameters
 from pipeline.run_control import CheckedTrainer, StopOnSignal
 from pipeline.run_directory import RunDirectory, mark_failed, open_run, write_checkpoint_figures, write_results
@@ -199,9 +199,10 @@ def evaluate_and_save_results(
     tokenizer: PreTrainedTokenizerBase,
     splits: dict,
     data: dict[str, PackedBlocks],
+    load: MachineLoad,
 ) -> dict[str, Any]:
     """Validation and test loss (every process), then on the main process alone: generation scores,
-    results.json, the loss plot and the summary."""
+    results.json, the loss plot and the summary. `load` has sampled the machine since the run's work began."""
     run_dir = Path(results["run_dir"])
     val_loss = final_validation_loss(trainer, data["validation"])
     test_loss = trainer.evaluate(data["test"], metric_key_prefix="test")["test_loss"]
@@ -220,7 +221,7 @@ def evaluate_and_save_results(
         return results
     pairs = prompt_reference_pairs(splits["test"], args.eval_examples)
     if pairs:
-        results["metrics"] = evaluate_generation(
+        results["metrics"], generation_figures = evaluate_generation(
             trainer.accelerator.unwrap_model(trainer.model),
             tokenizer,
             pairs,
@@ -229,14 +230,18 @@ def evaluate_and_save_results(
             tokens_per_word=args.tokens_per_word,
             csv_path=run_dir / "generations.csv",
         )
-    results.update(status="finished", finished_at=timestamp(microseconds=True), log_history=history)
+        results.update(generation_figures)
+    results.update(machine_load=load.summary(), status="finished", finished_at=timestamp(microseconds=True))
+    results["log_history"] = history
     write_results(run_dir, results)
     plot_loss_curves(history, run_dir / "loss_curve.png", title=run_dir.name)
     print_run_summary(results, file=sys.stdout)
     return results
 
 
-def figures_so_far(trainer: CheckedTrainer, memory: PeakMemoryTracker, previous: dict[str, Any]) -> dict[str, Any]:
+def figures_so_far(
+    trainer: CheckedTrainer, memory: PeakMemoryTracker, load: MachineLoad, previous: dict[str, Any]
+) -> dict[str, Any]:
     """What the run has measured up to now, over every session it ran (every process takes part)."""
     cpu, gpu = memory.peaks()
     peaks = {"peak_cpu_memory_mb": max_over_processes(cpu), "peak_gpu_memory_mb": max_over_processes(gpu)}
@@ -250,6 +255,7 @@ def figures_so_far(trainer: CheckedTrainer, memory: PeakMemoryTracker, previous:
         "optimizer_steps": trainer.state.global_step,
         "train_tokens": tokens,
         "train_tokens_per_s": tokens / seconds["train_time_s"] if seconds["train_time_s"] else None,
+        "machine_load": load.summary(),
     }
 
 
@@ -287,31 +293,32 @@ def train_evaluate_save(
     results = run_record(args, mode, run, model, trainer)
     main = trainer.is_world_process_zero()
 
-    with PeakMemoryTracker() as memory, stop:
+    with MachineLoad(main, run.figures.get("machine_load")) as load:
+        with PeakMemoryTracker() as memory, stop:
 
-        def record_checkpoint(checkpoint: Path) -> None:
-            figures = figures_so_far(trainer, memory, run.figures)
+            def record_checkpoint(checkpoint: Path) -> None:
+                figures = figures_so_far(trainer, memory, load, run.figures)
+                if main:
+                    write_checkpoint_figures(checkpoint, figures)  # last: it marks the checkpoint complete
+                    results.update(figures, checkpoint=str(checkpoint), log_history=trainer.state.log_history)
+                    write_results(run.path, results)
+
+            trainer.checkpoint_saved = record_checkpoint
             if main:
-                write_checkpoint_figures(checkpoint, figures)  # last: it marks the checkpoint complete
-                results.update(figures, checkpoint=str(checkpoint), log_history=trainer.state.log_history)
-                write_results(run.path, results)
+                write_results(run.path, results | run.figures)
+            try:
+                trainer.train_from(run.checkpoint)
+            except torch.OutOfMemoryError as e:
+                raise ToolError(
+                    f"out of GPU memory at --batch_size {args.batch_size} (blocks of {args.block_size} tokens); "
+                    "use a smaller --batch_size with more --gradient_accumulation_steps, or a smaller --block_size"
+                ) from e
+            results.update(figures_so_far(trainer, memory, load, run.figures))
 
-        trainer.checkpoint_saved = record_checkpoint
-        if main:
-            write_results(run.path, results | run.figures)
-        try:
-            trainer.train_from(run.checkpoint)
-        except torch.OutOfMemoryError as e:
-            raise ToolError(
-                f"out of GPU memory at --batch_size {args.batch_size} (blocks of {args.block_size} tokens); "
-                "use a smaller --batch_size with more --gradient_accumulation_steps, or a smaller --block_size"
-            ) from e
-        results.update(figures_so_far(trainer, memory, run.figures))
-
-    if stop.received:
-        raise interrupted(trainer, results, stop.received, mode)
-    results["model_size_mb"] = save_model(trainer, tokenizer, run.path / ("adapter" if mode == "lora" else "model"))
-    return evaluate_and_save_results(args, results, trainer, tokenizer, splits, data)
+        if stop.received:
+            raise interrupted(trainer, results, stop.received, mode)
+        results["model_size_mb"] = save_model(trainer, tokenizer, run.path / ("adapter" if mode == "lora" else "model"))
+        return evaluate_and_save_results(args, results, trainer, tokenizer, splits, data, load)
 
 
 def interrupted(trainer: Trainer, results: dict[str, Any], signal_name: str, mode: str) -> RunInterrupted:

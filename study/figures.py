@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from pipeline.summary import save_png  # noqa: E402
+from pipeline.summary import BUSY_MARK, BUSY_NOTE, TIMED, busy, save_png  # noqa: E402
 
 Run = dict[str, Any]
 LOG_SCALE_RATIO = 20  # bars or axes whose values span more than this get a log scale
@@ -60,15 +60,24 @@ def plot_study_loss(runs: list[Run], labels: list[str], path: Path) -> None:
     save_png(fig, path)
 
 
-def bars(ax: plt.Axes, labels: list[str], values: list[float | None], title: str, fmt: Callable[[float], str]) -> None:
-    """One bar per run (a gap, marked n/a, where the run has no value), log-scaled when values span orders."""
+def bars(
+    ax: plt.Axes,
+    labels: list[str],
+    values: list[float | None],
+    title: str,
+    fmt: Callable[[float], str],
+    marks: list[str] | None = None,
+) -> None:
+    """One bar per run (a gap, marked n/a, where the run has no value), log-scaled when values span orders; each
+    bar's value followed by its mark, if any (e.g. busy)."""
     color = colors(labels)
-    for i, (label, value) in enumerate(zip(labels, values, strict=True)):
+    marks = marks or [""] * len(labels)
+    for i, (label, value, mark) in enumerate(zip(labels, values, marks, strict=True)):
         if value is None or value <= 0:
             ax.text(i, 0.02, "n/a", transform=ax.get_xaxis_transform(), ha="center", fontsize=8, color="grey")
             continue
         ax.bar(i, value, color=color[label])
-        ax.text(i, value, fmt(value), ha="center", va="bottom", fontsize=8)
+        ax.text(i, value, fmt(value) + mark, ha="center", va="bottom", fontsize=8)
     if spans_orders(values):
         ax.set_yscale("log")
         title += " (log scale)"
@@ -79,16 +88,20 @@ def bars(ax: plt.Axes, labels: list[str], values: list[float | None], title: str
 
 
 def plot_cost(runs: list[Run], labels: list[str], memory_key: str, path: Path) -> None:
+    """A panel per cost, a bar per run; a time figure measured on a busy machine is marked (busy)."""
     panels = (
         ("Training time (s)", "train_time_s", "{:,.1f}"),
+        ("Generation time (s)", "generation_time_s", "{:,.1f}"),
+        ("Generated tokens/s", "generation_tokens_per_s", "{:,.1f}"),
         ("Peak GPU memory (MB)" if "gpu" in memory_key else "Peak CPU memory (MB)", memory_key, "{:,.0f}"),
         ("Trainable parameters", "trainable_params", "{:,.0f}"),
         ("Saved weights (MB)", "model_size_mb", "{:,.2f}"),
     )
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
     for ax, (title, key, fmt) in zip(axes.flat, panels, strict=True):
-        bars(ax, labels, [run.get(key) for run in runs], title, fmt.format)
-    fig.suptitle("Cost per arm")
+        marks = [BUSY_MARK if key in TIMED and busy(run) else "" for run in runs]
+        bars(ax, labels, [run.get(key) for run in runs], title, fmt.format, marks)
+    fig.suptitle("Cost per arm" + (f"; {BUSY_NOTE}" if any(busy(run) for run in runs) else ""), fontsize=10)
     fig.tight_layout()
     save_png(fig, path)
 

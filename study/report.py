@@ -12,7 +12,7 @@ from typing import Any
 from tabulate import tabulate
 
 from pipeline.hub import canonical_id, is_local
-from pipeline.summary import TABLE_ROWS, format_value, lookup, method_name
+from pipeline.summary import BUSY_NOTE, TABLE_ROWS, busy, figure_text, lookup, method_name
 from utils import atomic_write_json, atomic_write_text
 
 Run = dict[str, Any]
@@ -147,7 +147,7 @@ def setting_text(value: Any) -> str:
 
 def comparison_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     headers = ["Metric"] + [label(r) for r in runs]
-    rows = [[name] + [format_value(lookup(r, key)) for r in runs] for name, key in TABLE_ROWS]
+    rows = [[name] + [figure_text(r, key) for r in runs] for name, key in TABLE_ROWS]
     return headers, rows
 
 
@@ -155,12 +155,19 @@ def set_text(runs: list[Run]) -> str:
     """The table in Markdown, and below it what differs between its columns."""
     headers, rows = comparison_table(runs)
     _, differ = differences(runs)
-    lines = [tabulate(rows, headers=headers, tablefmt="github"), "", "Differs between columns:"]
-    lines += [
-        f"- {key}: " + "; ".join(f"{who} {setting_text(v)}" for who, v in values.items())
-        for key, values in differ.items()
-    ]
-    return "\n".join(lines if differ else lines[:-2])
+    lines = [tabulate(rows, headers=headers, tablefmt="github")] + busy_note(runs)
+    if differ:
+        lines += ["", "Differs between columns:"]
+        lines += [
+            f"- {key}: " + "; ".join(f"{who} {setting_text(v)}" for who, v in values.items())
+            for key, values in differ.items()
+        ]
+    return "\n".join(lines)
+
+
+def busy_note(runs: list[Run]) -> list[str]:
+    """The line below a table that explains its (busy) marks, when it has any."""
+    return ["", BUSY_NOTE + "."] if any(busy(r) for r in runs) else []
 
 
 def compare(output_dir: Path, include_all: bool = False, run_names: set[str] | None = None) -> str:
@@ -221,7 +228,7 @@ def write_report(output_dir: Path, sets: list[list[Run]]) -> None:
         h = "###" if len(sets) > 1 else "##"
         if len(sets) > 1:
             sections += ["", f"## Set {i} of {len(sets)}"]
-        sections += ["", f"{h} Comparison", "", tabulate(rows, headers=headers, tablefmt="github")]
+        sections += ["", f"{h} Comparison", "", tabulate(rows, headers=headers, tablefmt="github"), *busy_note(runs)]
         reasons = {lookup(r, "metrics.meteor_unavailable_reason") for r in runs} - {None}
         sections += [f"\nMETEOR not computed: {reason}." for reason in sorted(reasons)]
         sections += [
