@@ -55,7 +55,8 @@ TIMED = (
 )
 BUSY_MARK = " (busy)"
 BUSY_NOTE = (
-    f"{BUSY_MARK.strip()}: measured while other processes loaded the machine (machine_load.busy; README, Definitions)"
+    f"{BUSY_MARK.strip()}: measured while other processes loaded the machine (machine_load.busy) or beside other runs "
+    "of a study (concurrent_runs > 1); README, Definitions"
 )
 
 
@@ -77,7 +78,8 @@ def format_value(value: Any) -> str:
 
 
 def busy(results: dict[str, Any]) -> bool:
-    return bool(lookup(results, "machine_load.busy"))
+    """Other processes loaded the machine during the run, or it was one of several runs a study ran at once."""
+    return bool(lookup(results, "machine_load.busy")) or (results.get("concurrent_runs") or 1) > 1
 
 
 def figure_text(results: dict[str, Any], key: str) -> str:

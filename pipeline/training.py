@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ from pipeline.modeling import count_parameters
 from pipeline.run_control import CheckedTrainer, StopOnSignal
 from pipeline.run_directory import RunDirectory, mark_failed, open_run, write_checkpoint_figures, write_results
 from pipeline.summary import method_name, plot_loss_curves, print_run_summary
-from utils import MIB, RunInterrupted, ToolError, environment_info, make_durable, timestamp
+from utils import CONCURRENT_RUNS_VARIABLE, MIB, RunInterrupted, ToolError, environment_info, make_durable, timestamp
 
 
 def resolve_precision(choice: str) -> str:
@@ -189,6 +190,8 @@ def run_record(
         * trainer.args.world_size,
         "trainable_params": trainable if mode != "base" else 0,
         "total_params": total,
+        # `study --jobs N` runs up to N runs at once and says so here: their times are not a lone run's
+        "concurrent_runs": int(os.environ.get(CONCURRENT_RUNS_VARIABLE, "1")),
     }
 
 

@@ -263,7 +263,7 @@ def example_continuations(runs: list[Run], labels: list[str], count: int = 3) ->
     continuations: dict[str, dict[str, str]] = {}
     examples: list[dict[str, str]] = []
     for run, who in zip(runs, labels, strict=True):
-        path = Path(run["run_dir"]) / "generations.csv"
+        path = Path(run.get("generations_csv") or Path(run["run_dir"]) / "generations.csv")  # a study's own run
         if path.is_file():
             with path.open(newline="") as f:
                 rows = list(csv.DictReader(f))
