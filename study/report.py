@@ -398,7 +398,9 @@ def difference_table(found: list[statistics.Difference]) -> str:
 
 def cost_text(cost: dict[str, Any]) -> str:
     text = (
-        f"{cost['runs']} runs: {cost['train_time_s']:,.1f} s of training and {cost['generation_time_s']:,.1f} s of "
+        f"{cost['runs']} runs"
+        + (f" and {cost['generation_runs']} generation runs at the chosen rates" if cost["generation_runs"] else "")
+        + f": {cost['train_time_s']:,.1f} s of training and {cost['generation_time_s']:,.1f} s of "
         f"generation, {cost['device_hours']:,.4f} {cost['device_hours_unit']} (training and generation time x "
         "the GPUs, or the CPU threads, each run used)."
     )

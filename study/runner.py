@@ -266,9 +266,10 @@ def execute(runs: list[Planned], study_dir: Path, name: str, launcher: Launcher)
     forward = {signal.SIGINT: signal.SIGINT, signal.SIGTERM: signal.SIGTERM, signal.SIGHUP: signal.SIGTERM}
 
     def stop(signum: int, _frame: object) -> None:
-        stopped.append(signum)
+        stopped.extend(run.name for run, _ in running.values() if run.name not in stopped)
         for child in running:
             child.send_signal(forward[signum])
+        stopped.append("")  # stopped, even between runs
 
     previous = {s: signal.signal(s, stop) for s in forward}
     try:
@@ -308,7 +309,8 @@ def execute(runs: list[Planned], study_dir: Path, name: str, launcher: Launcher)
         for s, handler in previous.items():
             signal.signal(s, handler)
     if stopped:
-        raise RunInterrupted(f"study {name} stopped; {again}")
+        during = ", ".join(n for n in stopped if n)
+        raise RunInterrupted(f"study {name} stopped" + (f" during {during}" if during else "") + f"; {again}")
     if failed:
         raise ToolError(f"study {name}: {', '.join(failed)} failed (the error is above); {again}")
 

@@ -249,6 +249,7 @@ def study_cost(runs: list[Run], arms: list[Arm]) -> dict[str, Any]:
     first_hours = sum(device_hours(r)[0] for r in first)
     return {
         "runs": len(runs),
+        "generation_runs": sum(1 for r in runs if r.get("generation_run")),  # a study's generation at chosen rates
         "train_time_s": sum(r.get("train_time_s") or 0 for r in runs),
         "generation_time_s": sum(r.get("generation_time_s") or 0 for r in runs),
         "device_hours": total,
