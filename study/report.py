@@ -291,11 +291,10 @@ def study_report(study_dir: Path, runs: list[Run]) -> str:
     figures.plot_learning_rates(arms, study_dir / "learning_rates.png")
     sections = study_sections(arms, runs)
     atomic_write_json(study_dir / "study.json", study_record(arms, runs))
-    if chosen:
-        write_comparison(study_dir, [columns(chosen)], sections)
-    else:
+    table = write_comparison(study_dir, [columns(chosen)], sections) if chosen else ""
+    if not chosen:
         atomic_write_text(study_dir / "report.md", "\n".join([f"# Report: {study_dir.name}", *sections]) + "\n")
-    return "\n".join(sections).strip()
+    return "\n".join([*sections, "", "# Every run at its chosen learning rate", "", table]).strip()
 
 
 def chosen_rate_text(arm: statistics.Arm) -> str:
@@ -386,10 +385,10 @@ def difference_table(found: list[statistics.Difference]) -> str:
     for d in found:
         interval = "-" if d.low is None else f"[{d.low:+,.4f}, {d.high:+,.4f}]"
         rows.append([d.arm, d.reference, d.key, f"{d.mean:+,.4f}", interval, str(d.n), d.verdict()])
-    headers = ["arm", "against", "figure", "difference (arm - against)", "95% CI", "seeds", "verdict"]
+    headers = ["arm", "reference", "figure", "difference (arm - reference)", "95% CI", "seeds", "verdict"]
     lines = [tabulate(rows, headers, "github", disable_numparse=True), ""]
     lines.append(
-        "Each difference is the mean over seeds of (arm - against) on the same seed (same data order and sample); "
+        "Each difference is the mean over seeds of (arm - reference) on the same seed (same data order and sample); "
         "the interval is Student's t with n - 1 degrees of freedom (scipy.stats.t). A difference is larger than "
         "the noise when its interval excludes 0."
     )

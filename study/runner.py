@@ -224,9 +224,10 @@ def usable_cpus() -> list[int]:
 
 
 class Launcher:
-    """Starts runs in job slots: on a GPU host each slot has its own --gpus_per_run GPUs (CUDA_VISIBLE_DEVICES, and
-    torchrun for more than one); on a CPU host with --jobs above 1, each its own share of the CPUs (affinity and as
-    many torch threads). Every run started with --jobs above 1 records concurrent_runs."""
+    """Starts runs in job slots: on a GPU host with --jobs or --gpus_per_run above 1, each slot has its own
+    --gpus_per_run GPUs (CUDA_VISIBLE_DEVICES, and torchrun for more than one); on a CPU host with --jobs above 1,
+    its own share of the CPUs (affinity, and as many torch threads). With --jobs above 1 each run records
+    concurrent_runs."""
 
     def __init__(self, args: argparse.Namespace, gpus: list[str]) -> None:
         self.jobs, self.per_run, self.gpus = args.jobs, args.gpus_per_run, gpus
@@ -237,7 +238,7 @@ class Launcher:
     def start(self, argv: list[str], slot: int) -> subprocess.Popen:
         env, affinity = dict(os.environ), None
         prefix = [sys.executable, str(MAIN)]
-        if self.gpus:
+        if self.gpus and (self.jobs > 1 or self.per_run > 1):  # one run alone sees every GPU, as a run by hand does
             env["CUDA_VISIBLE_DEVICES"] = ",".join(self.gpus[slot * self.per_run : (slot + 1) * self.per_run])
             if self.per_run > 1:
                 torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(self.per_run)]
