@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 from pipeline.modeling import load_causal_lm, load_tokenizer
+from pipeline.settings import RunSettings
 from pipeline.training import finetune
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: RunSettings) -> dict[str, Any]:
     tokenizer = load_tokenizer(args.model)
     model = load_causal_lm(args.model, from_scratch=args.from_scratch)
     return finetune(args, "full", model, tokenizer)

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
 from pipeline.modeling import load_causal_lm, load_tokenizer
+from pipeline.settings import RunSettings
 from pipeline.training import finetune
 
 
-def add_lora_adapters(model: PreTrainedModel, args: argparse.Namespace) -> PeftModel:
+def add_lora_adapters(model: PreTrainedModel, args: RunSettings) -> PeftModel:
     config = LoraConfig(
         task_type="CAUSAL_LM",
         r=args.lora_rank,
@@ -26,7 +26,7 @@ def add_lora_adapters(model: PreTrainedModel, args: argparse.Namespace) -> PeftM
     return get_peft_model(model, config)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: RunSettings) -> dict[str, Any]:
     tokenizer = load_tokenizer(args.model)
     model = add_lora_adapters(load_causal_lm(args.model, from_scratch=args.from_scratch), args)
     return finetune(args, "lora", model, tokenizer)

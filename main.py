@@ -13,6 +13,7 @@ import argparse
 import sys
 
 # Only light modules at the top: --help and bad flags answer without importing torch (seconds).
+from pipeline.settings import METHOD_DEFAULTS, RunSettings
 from utils import RunInterrupted, ToolError, default_cache_dir
 
 
@@ -113,8 +114,16 @@ def tracker(name: str) -> str:
 
 
 TRACKERS = ("none", "tensorboard", "wandb", "mlflow", "trackio")
-# Each method's own learning rate and weight decay, used unless a flag sets them.
-METHOD_DEFAULTS = {"full": (1e-5, 0.01), "lora": (1e-4, 0.0)}
+# The Trainer's schedules that need no extra arguments.
+SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup", "inverse_sqrt")
+
+
+def existing_file(text: str) -> str:
+    from pathlib import Path
+
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    return text
 
 
 def data_flags() -> argparse.ArgumentParser:
@@ -173,6 +182,10 @@ def training_flags(learning_rate: float | None, weight_decay: float | None) -> a
     g.add_argument("--max_steps", type=positive_int, help="stop after this many optimizer steps")
     g.add_argument("--learning_rate", type=positive_float, default=learning_rate, help=default_help(learning_rate, 0))
     g.add_argument("--weight_decay", type=non_negative_float, default=weight_decay, help=default_help(weight_decay, 1))
+    g.add_argument(
+        "--lr_scheduler_type", choices=SCHEDULES, default="linear", help="learning-rate schedule (default: linear)"
+    )
+    g.add_argument("--warmup_steps", type=non_negative_int, default=0, help="linear warm-up steps (default: 0)")
     g.add_argument("--gradient_accumulation_steps", type=positive_int, default=1, help="(default: 1)")
     g.add_argument("--eval_steps", type=positive_int, help="validate every N steps (default: once per epoch)")
     g.add_argument("--logging_steps", type=positive_int, default=10, help="steps per logged loss (default: 10)")
@@ -200,8 +213,8 @@ def training_flags(learning_rate: float | None, weight_decay: float | None) -> a
         "interrupted one), or the CHECKPOINT directory given",
     )
     g.add_argument("--fsdp", help="the Trainer's FSDP option, e.g. 'full_shard auto_wrap' (under torchrun/accelerate)")
-    g.add_argument("--fsdp_config", help="FSDP config file (JSON) for the Trainer")
-    g.add_argument("--deepspeed", help="DeepSpeed config file (JSON) for the Trainer")
+    g.add_argument("--fsdp_config", type=existing_file, help="FSDP config file (JSON) for the Trainer")
+    g.add_argument("--deepspeed", type=existing_file, help="DeepSpeed config file (JSON) for the Trainer")
     return p
 
 
@@ -317,19 +330,21 @@ def main(argv: list[str] | None = None) -> int:
 
             score_csv(args.csv)
         else:
-            from pipeline.hub import resolve_sources
-
-            resolve_sources(args)
+            settings = RunSettings.from_flags(args)
             import transformers
 
             import full_finetuning
             import lora_finetuning
             from pipeline import evaluation
+            from pipeline.hub import resolve_sources
+            from pipeline.training import resolve_precision
 
-            transformers.set_seed(args.seed)
+            resolve_precision(settings.precision)  # before anything is claimed or prepared
+            resolve_sources(settings)
+            transformers.set_seed(settings.seed)
             recipe = {"full": full_finetuning, "lora": lora_finetuning, "evaluate": evaluation}[args.command]
             try:
-                recipe.run(args)
+                recipe.run(settings)
             except RunInterrupted:  # every process stopped at the same step: leave together
                 leave_process_group()
                 raise

@@ -44,6 +44,7 @@ from pipeline.data import (  # noqa: E402  # noqa: E402
 from pipeline.generation import generate_continuations, prompt_batches  # noqa: E402
 from pipeline.measurement import PeakMemoryTracker, synchronize  # noqa: E402
 from pipeline.modeling import load_tokenizer  # noqa: E402
+from pipeline.settings import RunSettings  # noqa: E402
 from pipeline.training import build_trainer, resolve_precision  # noqa: E402
 from utils import MIB, atomic_write_json, atomic_write_text, environment_info, one_line, timestamp  # noqa: E402
 
@@ -104,12 +105,12 @@ def load_rows(text: str | None) -> list[str]:
     return load_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", split="test")["text"]
 
 
-def recipe_flags(args: argparse.Namespace, mode: str, extra: tuple[str, ...] = ()) -> argparse.Namespace:
+def recipe_flags(args: argparse.Namespace, mode: str, extra: tuple[str, ...] = ()) -> RunSettings:
     """The tool's own flags and defaults for `mode`, as a user running this many steps would get them, plus
     `extra` flags (e.g. --activation_checkpointing)."""
     argv = [mode, "--batch_size", str(args.batch_size), "--block_size", str(args.block_size)]
     argv += ["--max_steps", str(args.steps + 1), "--precision", args.precision, "--logging_steps", "1000000"]
-    return cli.build_parser().parse_args(argv + list(extra))
+    return RunSettings.from_flags(cli.build_parser().parse_args(argv + list(extra)))
 
 
 def model_config(args: argparse.Namespace):

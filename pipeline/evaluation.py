@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +10,12 @@ from peft import PeftModel
 from pipeline.measurement import MachineLoad
 from pipeline.modeling import load_causal_lm, load_tokenizer
 from pipeline.run_directory import write_results
+from pipeline.settings import RunSettings
 from pipeline.training import claim_run, evaluate_and_save_results, evaluation_trainer, load_packed_splits, run_record
 from utils import ToolError, one_line
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: RunSettings) -> dict[str, Any]:
     mode = "adapter" if args.adapter else "saved" if is_saved_run_model(args.model) else "base"
     tokenizer = load_tokenizer(args.model)
     model = load_causal_lm(args.model, from_scratch=args.from_scratch)

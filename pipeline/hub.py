@@ -3,7 +3,6 @@ Hub answers before the libraries spend about 50 s retrying it."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import datasets
 from huggingface_hub import constants, get_session, try_to_load_from_cache
 
+from pipeline.settings import RunSettings, is_local
 from utils import ToolError, one_line
 
 # Ids people type that now live under a namespace on the Hub. A cache warmed under one id does not serve the other,
@@ -56,10 +56,6 @@ def cached_id(kind: str, name: str) -> str:
     return name
 
 
-def is_local(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
-
-
 def hub_id(kind: str, name: str) -> str:
     """The id to load for --model or --dataset `name`: a legacy id as its namespaced one (with a note), a local
     path or any other id as given. A dataset id without a namespace is an error."""
@@ -94,7 +90,7 @@ def read_cache_only() -> None:
     datasets.config.HF_HUB_OFFLINE = True
 
 
-def resolve_sources(args: argparse.Namespace) -> None:
+def resolve_sources(args: RunSettings) -> None:
     """Map legacy ids in place; when a source is on the Hub and the Hub does not answer, use the local cache only.
 
     Nothing is checked when HF_HUB_OFFLINE is set or every source is a local path.

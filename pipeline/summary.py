@@ -44,6 +44,20 @@ TABLE_ROWS = (
 )
 
 
+# Figures earlier versions did not record: a table none of whose runs has one leaves its row out, so that tables of
+# earlier runs stay as they were.
+NOT_ALWAYS_RECORDED = ("generation_time_s", "generation_tokens_per_s", "machine_load.other_cpu_cores_mean")
+
+
+def table_rows(runs: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """TABLE_ROWS for a table of `runs`: those not always recorded only when a run has them."""
+    return [
+        (label, key)
+        for label, key in TABLE_ROWS
+        if key not in NOT_ALWAYS_RECORDED or any(lookup(r, key) is not None for r in runs)
+    ]
+
+
 # Figures of time, which other work on the machine slows: marked "(busy)" when the run's machine_load says busy.
 TIMED = (
     "train_time_s",
@@ -89,7 +103,7 @@ def figure_text(results: dict[str, Any], key: str) -> str:
 
 
 def print_run_summary(results: dict[str, Any], file: TextIO = sys.stdout) -> None:
-    rows = [(label, figure_text(results, key)) for label, key in TABLE_ROWS]
+    rows = [(label, figure_text(results, key)) for label, key in table_rows([results])]
     print(f"\n{results['mode']} run: {results['run_dir']}", file=file)
     print(tabulate(rows, tablefmt="simple"), file=file)
     if busy(results):

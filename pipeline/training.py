@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -21,6 +20,7 @@ from pipeline.measurement import MachineLoad, PeakMemoryTracker, best, max_over_
 from pipeline.modeling import count_parameters
 from pipeline.run_control import CheckedTrainer, StopOnSignal
 from pipeline.run_directory import RunDirectory, mark_failed, open_run, write_checkpoint_figures, write_results
+from pipeline.settings import RunSettings
 from pipeline.summary import method_name, plot_loss_curves, print_run_summary
 from utils import CONCURRENT_RUNS_VARIABLE, MIB, RunInterrupted, ToolError, environment_info, make_durable, timestamp
 
@@ -45,7 +45,7 @@ def cpu_only() -> bool:
     return not torch.cuda.is_available() and not torch.backends.mps.is_available()
 
 
-def claim_run(args: argparse.Namespace, mode: str) -> RunDirectory:
+def claim_run(args: RunSettings, mode: str) -> RunDirectory:
     """Open the run (a new directory or an unfinished one to continue) on the main process; the others learn
     its directory, checkpoint and figures from it, and every process raises the same error if it fails."""
     state = process_state()
@@ -90,7 +90,7 @@ def save_model(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, target: Pat
     return sum(f.stat().st_size for f in target.glob("*.safetensors")) / MIB
 
 
-def training_arguments(args: argparse.Namespace, run_dir: Path, **training: Any) -> TrainingArguments:
+def training_arguments(args: RunSettings, run_dir: Path, **training: Any) -> TrainingArguments:
     """The Trainer's arguments for this run: evaluation and precision as every run shares them, plus `training`."""
     precision = resolve_precision(args.precision)
     return TrainingArguments(
@@ -100,7 +100,7 @@ def training_arguments(args: argparse.Namespace, run_dir: Path, **training: Any)
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=cpu_only(),
-        report_to=getattr(args, "report_to", "none"),  # evaluate has no tracker flag
+        report_to=args.report_to or "none",  # evaluate has no tracker flag
         run_name=args.run_name,
         logging_nan_inf_filter=False,  # a non-finite loss must show, not be dropped from a mean
         **training,
@@ -108,7 +108,7 @@ def training_arguments(args: argparse.Namespace, run_dir: Path, **training: Any)
 
 
 def build_trainer(
-    args: argparse.Namespace, model: PreTrainedModel, data: dict[str, PackedBlocks], run_dir: Path
+    args: RunSettings, model: PreTrainedModel, data: dict[str, PackedBlocks], run_dir: Path
 ) -> CheckedTrainer:
     training_args = training_arguments(
         args,
@@ -119,6 +119,8 @@ def build_trainer(
         max_steps=args.max_steps or -1,
         learning_rate=args.learning_rate,
         weight_decay=args.weight_decay,
+        lr_scheduler_type=args.lr_scheduler_type,
+        warmup_steps=args.warmup_steps,
         eval_strategy="steps" if args.eval_steps else "epoch",
         eval_steps=args.eval_steps,
         logging_steps=args.logging_steps,
@@ -152,12 +154,12 @@ def final_validation_loss(trainer: Trainer, validation: PackedBlocks) -> float:
     return trainer.evaluate(validation)["eval_loss"]
 
 
-def evaluation_trainer(args: argparse.Namespace, model: PreTrainedModel, run_dir: Path) -> CheckedTrainer:
+def evaluation_trainer(args: RunSettings, model: PreTrainedModel, run_dir: Path) -> CheckedTrainer:
     """A Trainer that only evaluates, for models this tool did not train: at the precision training runs use."""
     return CheckedTrainer(model=model, args=training_arguments(args, run_dir), data_collator=default_data_collator)
 
 
-def load_packed_splits(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -> tuple[dict, dict]:
+def load_packed_splits(args: RunSettings, tokenizer: PreTrainedTokenizerBase) -> tuple[dict, dict]:
     """The text splits, and each packed into blocks (from the cache when it has them)."""
     splits = load_text_splits(args.dataset, args.dataset_config, args.data_dir)
     data = prepare_lm_splits(splits, tokenizer, args.block_size, args.data_fraction, args.seed, args.cache_dir)
@@ -165,29 +167,33 @@ def load_packed_splits(args: argparse.Namespace, tokenizer: PreTrainedTokenizerB
 
 
 def run_record(
-    args: argparse.Namespace, mode: str, run: RunDirectory, model: PreTrainedModel, trainer: Trainer
+    args: RunSettings, mode: str, run: RunDirectory, model: PreTrainedModel, trainer: Trainer
 ) -> dict[str, Any]:
     """The fields of results.json every run has, before anything is measured."""
     trainable, total = count_parameters(model)
+    config, paths_as_typed = args.recorded_config()
     return {
         "status": "running",
         "mode": mode,
-        "method": method_name(mode, vars(args)),
-        "model": args.model,
+        "method": method_name(mode, config),
+        "model": config["model"],
         "run_dir": str(run.path),
         "started_at": run.started_at or timestamp(),
         "resumed_from": str(run.checkpoint) if run.checkpoint else None,
-        "config": vars(args),
+        "config": config,
+        "paths_as_typed": paths_as_typed,
         "environment": environment_info(),
         "hub_unreachable_reason": hub.unreachable_reason,  # set when the run read the local cache instead
         "precision": resolve_precision(args.precision),
         "world_size": trainer.args.world_size,
         "peak_memory_is_max_over_processes": trainer.args.world_size > 1,
         "gpus_per_process": trainer.args.n_gpu,
-        # train_batch_size counts every GPU a single process drives (the Trainer's DataParallel)
+        # train_batch_size counts every GPU a single process drives (the Trainer's DataParallel); none untrained
         "global_batch_size": trainer.args.train_batch_size
         * trainer.args.gradient_accumulation_steps
-        * trainer.args.world_size,
+        * trainer.args.world_size
+        if mode in ("full", "lora")
+        else None,
         "trainable_params": trainable if mode != "base" else 0,
         "total_params": total,
         # `study --jobs N` runs up to N runs at once and says so here: their times are not a lone run's
@@ -196,7 +202,7 @@ def run_record(
 
 
 def evaluate_and_save_results(
-    args: argparse.Namespace,
+    args: RunSettings,
     results: dict[str, Any],
     trainer: CheckedTrainer,
     tokenizer: PreTrainedTokenizerBase,
@@ -263,7 +269,7 @@ def figures_so_far(
 
 
 def finetune(
-    args: argparse.Namespace, mode: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+    args: RunSettings, mode: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
 ) -> dict[str, Any]:
     """Train `model` on the packed splits, measure the run, evaluate it, save it; return results.json's content."""
     with claim_run(args, mode) as run:
@@ -278,7 +284,7 @@ def finetune(
 
 
 def train_evaluate_save(
-    args: argparse.Namespace,
+    args: RunSettings,
     mode: str,
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,

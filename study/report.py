@@ -11,8 +11,9 @@ from typing import Any
 
 from tabulate import tabulate
 
-from pipeline.hub import canonical_id, is_local
-from pipeline.summary import BUSY_MARK, BUSY_NOTE, TABLE_ROWS, TIMED, busy, figure_text, lookup, method_name
+from pipeline.hub import canonical_id
+from pipeline.settings import EVALUATE, SETTING_KINDS, TRAINING, is_local, names_of_kind
+from pipeline.summary import BUSY_MARK, BUSY_NOTE, TIMED, busy, figure_text, lookup, method_name, table_rows
 from study import statistics
 from utils import atomic_write_json, atomic_write_text
 
@@ -35,21 +36,14 @@ def read_runs(output_dir: Path) -> list[dict[str, Any]]:
     return runs
 
 
-# Runs share a table only when these settings of results.json's `config` match, and precision and length.
-COMPARABLE = (
-    "model",
-    "from_scratch",
-    "dataset",
-    "dataset_config",
-    "data_dir",
-    "data_fraction",
-    "block_size",
-    "seed",
-    "eval_examples",
-    "num_beams",
-    "tokens_per_word",
-)
-NOT_SETTINGS = ("command", "run_name", "output_dir", "resume", "cache_dir")  # where a run is, not what it is
+# Runs share a table only when the experiment's settings match: those an untrained run has too (and the device),
+# and those of training, which with the global batch say how long a run trained (`length`).
+GROUPED = (*names_of_kind("experiment", EVALUATE), "device")
+LENGTH = tuple(n for n in names_of_kind("experiment", TRAINING) if n not in GROUPED)
+# What earlier versions ran without recording it: the Trainer's defaults then.
+UNRECORDED_DEFAULTS = {"lr_scheduler_type": "linear", "warmup_steps": 0}
+# What the run was measured on: time and memory compare only where these match, so a column that differs says so.
+HARDWARE = ("gpu", "gpu_count", "cpu_threads", "torch", "transformers", "peft")
 COLUMN_ORDER = ("base", "full", "lora", "rslora", "dora")
 FIGURES = (("Loss curves", "loss_curves"), ("Cost", "cost"), ("Quality", "quality"), ("Trade-off", "tradeoff"))
 
@@ -72,18 +66,27 @@ def canonical(key: str, value: Any) -> Any:
 
 
 def settings(run: Run) -> dict[str, Any]:
-    """What the run is: every flag but where it was written (and the Hub dataset when --data_dir replaced it, the
-    epochs when --max_steps did), its method, the precision it ran at, and on how many processes and GPUs."""
+    """What the run is: every setting but bookkeeping (and the Hub dataset when --data_dir replaced it, the epochs
+    when --max_steps did), its method, the precision it ran at, on how many processes and GPUs, and on what."""
     config = run.get("config", {})
-    unused = NOT_SETTINGS + (("dataset", "dataset_config") if config.get("data_dir") else ())
+    if run["mode"] in ("full", "lora"):
+        config = UNRECORDED_DEFAULTS | config
+    unused = ("dataset", "dataset_config") if config.get("data_dir") else ()
     unused += ("epochs",) if config.get("max_steps") else ()
-    return {k: canonical(k, v) for k, v in config.items() if k not in unused} | {
+    environment = run.get("environment") or {}
+    measured = {
         "method": method(run),
         "precision": run.get("precision"),
-        "device": (run.get("environment") or {}).get("device"),
+        "device": environment.get("device"),
         "world_size": run.get("world_size"),
         "global_batch_size": run.get("global_batch_size"),
-    }
+        "gpus_per_process": run.get("gpus_per_process"),
+    } | {key: environment.get(key) for key in HARDWARE}
+    return {
+        k: canonical(k, v)
+        for k, v in config.items()
+        if k not in unused and SETTING_KINDS.get(k, "swept") != "bookkeeping"
+    } | {k: v for k, v in measured.items() if v is not None}
 
 
 def length(run: Run) -> tuple | None:
@@ -93,10 +96,8 @@ def length(run: Run) -> tuple | None:
         return None
     if "epochs" not in config:
         return ("evaluated", config.get("adapter") or config.get("model"))
-    steps = (
-        ("max_steps", config["max_steps"]) if config.get("max_steps") else ("epochs", canonical("", config["epochs"]))
-    )
-    return (*steps, "global batch", run.get("global_batch_size"))
+    recorded = settings(run)
+    return (*((k, recorded.get(k)) for k in LENGTH), "global batch", run.get("global_batch_size"))
 
 
 def comparable_sets(runs: list[Run]) -> list[list[Run]]:
@@ -104,7 +105,7 @@ def comparable_sets(runs: list[Run]) -> list[list[Run]]:
     model with the same settings, and of runs with identical settings only the latest is kept."""
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
-        key = json.dumps([settings(run).get(k) for k in (*COMPARABLE, "precision", "device")], default=str)
+        key = json.dumps([settings(run).get(k) for k in GROUPED], default=str)
         groups.setdefault((key, json.dumps(length(run))), []).append(run)
     bases = {key: members for (key, run_length), members in groups.items() if run_length == "null"}
     trained = [(key, members) for (key, run_length), members in groups.items() if run_length != "null"]
@@ -127,15 +128,17 @@ def columns(runs: list[Run]) -> list[Run]:
 
 
 def differences(runs: list[Run]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """The settings every run that has them shares, and per differing setting each run's value."""
+    """The settings every run that has them shares, and per differing setting each run's value (compared as
+    recorded; paths shown as they were typed)."""
     shared: dict[str, Any] = {}
     differ: dict[str, dict[str, Any]] = {}
     for key in sorted({k for r in runs for k in settings(r)}):
-        values = {label(r): settings(r)[key] for r in runs if key in settings(r)}
-        if len({json.dumps(v, default=str) for v in values.values()}) > 1:
-            differ[key] = values
+        having = [r for r in runs if key in settings(r)]
+        shown = {label(r): (r.get("paths_as_typed") or {}).get(key, settings(r)[key]) for r in having}
+        if len({json.dumps(settings(r)[key], default=str) for r in having}) > 1:
+            differ[key] = shown
         else:
-            shared[key] = next(iter(values.values()))
+            shared[key] = next(iter(shown.values()))
     return shared, differ
 
 
@@ -148,7 +151,7 @@ def setting_text(value: Any) -> str:
 
 def comparison_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     headers = ["Metric"] + [label(r) for r in runs]
-    rows = [[name] + [figure_text(r, key) for r in runs] for name, key in TABLE_ROWS]
+    rows = [[name] + [figure_text(r, key) for r in runs] for name, key in table_rows(runs)]
     return headers, rows
 
 
@@ -234,18 +237,13 @@ def write_report(output_dir: Path, sets: list[list[Run]], preface: list[str]) ->
         figures.plot_tradeoff(runs, names, memory_key, output_dir / f"{prefix}tradeoff.png")
         headers, rows = comparison_table(runs)
         shared, differ = differences(runs)
-        environment = runs[0].get("environment", {})
         h = "###" if len(sets) > 1 else "##"
         if len(sets) > 1:
             sections += ["", f"## Set {i} of {len(sets)}"]
         sections += ["", f"{h} Comparison", "", tabulate(rows, headers=headers, tablefmt="github"), *busy_note(runs)]
         reasons = {lookup(r, "metrics.meteor_unavailable_reason") for r in runs} - {None}
         sections += [f"\nMETEOR not computed: {reason}." for reason in sorted(reasons)]
-        sections += [
-            "",
-            f"Measured on {environment.get('gpu') or environment.get('device', '?')} with torch "
-            f"{environment.get('torch', '?')}, {environment.get('cpu_threads', '?')} CPU threads.",
-        ]
+        sections += ["", measured_on(runs, labels)]
         for name, stem in FIGURES:
             sections += ["", f"{h} {name}", "", f"![{name}]({prefix}{stem}.png)"]
         sections += ["", f"{h} Example continuations", "", example_continuations(runs, labels)]
@@ -256,6 +254,21 @@ def write_report(output_dir: Path, sets: list[list[Run]], preface: list[str]) ->
             rows = [[k] + [setting_text(values.get(who)) for who in labels] for k, values in differ.items()]
             sections += ["", "Different between the columns:", "", tabulate(rows, ["setting", *labels], "github")]
     atomic_write_text(output_dir / "report.md", "\n".join(sections) + "\n")
+
+
+def measured_on(runs: list[Run], labels: list[str]) -> str:
+    """The hardware and torch the runs were measured on: one line when they share it, else each column's."""
+
+    def text(run: Run) -> str:
+        env = run.get("environment") or {}
+        gpus = f"{env.get('gpu_count', 1)} x {env['gpu']}" if env.get("gpu") else env.get("device", "?")
+        return f"{gpus} with torch {env.get('torch', '?')}, {env.get('cpu_threads', '?')} CPU threads"
+
+    texts = [text(run) for run in runs]
+    if len(set(texts)) == 1:
+        return f"Measured on {texts[0]}."
+    each = "; ".join(f"{who}: {t}" for who, t in zip(labels, texts, strict=True))
+    return f"Measured on different hardware or software, so time and memory compare only with care: {each}."
 
 
 def example_continuations(runs: list[Run], labels: list[str], count: int = 3) -> str:
@@ -322,7 +335,8 @@ def pooled_table(arms: list[statistics.Arm]) -> str:
     """Every figure of every arm at its chosen rate: mean ± sample SD over seeds (n), or the value of one seed."""
     rows = [["Learning rate (chosen on validation)"] + [chosen_rate_text(a) for a in arms]]
     rows += [["Seeds"] + [str(len(a.chosen.runs)) if a.chosen else "-" for a in arms]]
-    rows += [[name] + [pooled_cell(a, key) for a in arms] for name, key in TABLE_ROWS]
+    chosen = [r for a in arms if a.chosen for r in a.chosen.runs]
+    rows += [[name] + [pooled_cell(a, key) for a in arms] for name, key in table_rows(chosen)]
     return tabulate(rows, headers=["Metric", *[a.name for a in arms]], tablefmt="github", disable_numparse=True)
 
 

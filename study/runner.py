@@ -11,6 +11,7 @@ saved model, named `<run>-generation`), and the report takes its figures from th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -19,100 +20,124 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipeline.run_directory import is_locked
+from pipeline.settings import METHOD_DEFAULTS, SETTING_KINDS, RunSettings
 from study.report import canonical, study_report
 from study.statistics import arm_name, choose_rates, learning_rate, rate_text, seed
 from utils import CONCURRENT_RUNS_VARIABLE, RunInterrupted, ToolError, timestamp
 
 MAIN = Path(__file__).resolve().parents[1] / "main.py"
-LORA_VARIANT_FLAGS = {"lora": [], "dora": ["--use_dora"], "rslora": ["--use_rslora"]}
-NOT_PASSED = ("command", "run_name", "resume", "output_dir")  # the study sets these for each run
+LORA_VARIANTS = {"lora": {}, "dora": {"use_dora": True}, "rslora": {"use_rslora": True}}
 HALF_DECADE = 10**0.5
 POLL_S = 1.0  # how often the study looks at runs it waits for
 DIVERGED = "the training loss became"  # how a run that stopped on a non-finite loss records its error
 
 
 @dataclass
-class Planned:
-    """One run of the study: its directory name, arm, command and flags (without where it is written), the
-    learning rate and seed it runs with, and for a generation run the trained run whose model it continues with."""
+class StudySettings:
+    """What `study` is told beyond the settings its runs share."""
 
-    name: str
+    arms: list[str]
+    lora_ranks: list[int]
+    study_name: str | None
+    learning_rates: list[tuple[str | None, list[float]]] | None = None
+    lr_sweep: int | None = None
+    seeds: list[int] | None = None
+    jobs: int = 1
+    gpus_per_run: int = 1
+    only: int | None = None
+    list: bool = False
+
+    @classmethod
+    def from_flags(cls, args: argparse.Namespace) -> StudySettings:
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclass
+class Planned:
+    """One run of the study: its arm, its settings (its name in the study's directory is `settings.run_name`), and
+    for a generation run the trained run whose saved model it continues with."""
+
     arm: str
-    flags: list[str]
-    rate: float | None
-    seed: int
+    settings: RunSettings
     generation_of: str | None = None
 
-    def argv(self, study_dir: Path) -> list[str]:
-        """The arguments of `python main.py` for this run."""
-        return [*self.flags, "--output_dir", str(study_dir), "--run_name", self.name]
+    @property
+    def name(self) -> str:
+        return self.settings.run_name
+
+    @property
+    def key(self) -> tuple[str, float | None, int]:
+        return self.arm, self.settings.learning_rate, self.settings.seed
+
+    def argv(self, parser: argparse.ArgumentParser) -> list[str]:
+        """The one place a run's settings become its command line: the arguments of `python main.py`."""
+        return self.settings.to_argv(RunSettings.from_flags(parser.parse_args([self.settings.command])))
 
 
-def arms(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
-    """(arm, command, the arm's own flags) of every arm, in the order they run."""
+def arms(study: StudySettings) -> list[tuple[str, dict]]:
+    """(arm, the fields its runs replace in the study's settings) of every arm, in the order they run."""
     planned = []
-    for arm in args.arms:
+    for arm in study.arms:
         if arm == "base":
-            planned.append(("base", "evaluate", []))
+            planned.append(("base", {"command": "evaluate"}))
         elif arm == "full":
-            planned.append(("full", "full", []))
+            planned.append(("full", {"command": "full"}))
         else:
-            planned += [
-                (f"{arm}-r{r}", "lora", ["--lora_rank", str(r), *LORA_VARIANT_FLAGS[arm]]) for r in args.lora_ranks
-            ]
+            lora = {"command": "lora", "use_dora": False, "use_rslora": False} | LORA_VARIANTS[arm]
+            planned += [(f"{arm}-r{r}", lora | {"lora_rank": r}) for r in study.lora_ranks]
     return planned
 
 
-def rate_grid(args: argparse.Namespace, method: str, default: float) -> list[float]:
+def method_defaults(run: RunSettings) -> dict:
+    """The run's learning rate and weight decay: the study's when it set them, else its method's own; settings
+    its command does not take are None."""
+    if run.command not in METHOD_DEFAULTS:
+        return {name: None for name in dataclasses.asdict(run) if not run.applies(name)}
+    rate, decay = METHOD_DEFAULTS[run.command]
+    return {
+        "learning_rate": run.learning_rate if run.learning_rate is not None else rate,
+        "weight_decay": run.weight_decay if run.weight_decay is not None else decay,
+    }
+
+
+def run_settings(shared: RunSettings, study_dir: Path, name: str, **fields) -> RunSettings:
+    """The study's settings with a run's own fields replaced, in the study's directory under `name`."""
+    run = replace(shared, **fields, output_dir=str(study_dir), run_name=name, resume=None)
+    return replace(run, **method_defaults(run))
+
+
+def rate_grid(study: StudySettings, method: str, default: float) -> list[float]:
     """A method's learning rates: its --learning_rates list, else the plain list, else --lr_sweep's N rates half a
-    decade apart centred on its default, else the one rate (--learning_rate, or its default)."""
-    if args.lr_sweep:
-        n = args.lr_sweep
+    decade apart centred on `default` (its own, or --learning_rate), else `default` alone."""
+    if study.lr_sweep:
+        n = study.lr_sweep
         return [float(f"{default * HALF_DECADE ** (i - (n - 1) / 2):.3g}") for i in range(n)]
-    lists = dict(args.learning_rates or [])
-    return lists.get(method) or lists.get(None) or [args.learning_rate or default]
+    lists = dict(study.learning_rates or [])
+    return lists.get(method) or lists.get(None) or [default]
 
 
-def shared_flags(args: argparse.Namespace, defaults: dict) -> list[str]:
-    """The study's settings that the run's command takes, as flags; a setting left at the command's default
-    (or unset, like the per-method weight decay) is not passed, so the command's own default applies."""
-    flags = []
-    for key, default in defaults.items():
-        value = getattr(args, key, None)
-        if key in NOT_PASSED or value is None or value == default or value is False:
-            continue
-        flags.append(f"--{key}")
-        if value is not True:
-            flags.append(",".join(map(str, value)) if isinstance(value, list) else str(value))
-    return flags
-
-
-def command_flags(args: argparse.Namespace, parser: argparse.ArgumentParser, command: str, **settings) -> list[str]:
-    """The one place a run's command line is built: the study's settings with `settings` replaced."""
-    run_args = argparse.Namespace(**(vars(args) | settings))
-    return [command, *shared_flags(run_args, vars(parser.parse_args([command])))]
-
-
-def plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[Planned]:
-    """Every (arm, rate, seed) run. Names say the rate and seed only where the study has several (`full`,
-    `lora-r8-lr3e-4`, `lora-r8-lr3e-4-s2025`); an arm with several rates trains them without generation."""
-    seeds = args.seeds or [args.seed]
+def planned_runs(study: StudySettings, shared: RunSettings, study_dir: Path) -> list[Planned]:
+    """Every (arm, rate, seed) run: the shared settings with each run's own fields replaced (command, method, rank,
+    rate, seed; each method's own learning rate and weight decay unless the study set them). Names say the rate and
+    seed only where the study has several (`full`, `lora-r8-lr3e-4`, `lora-r8-lr3e-4-s2025`); an arm with several
+    rates trains them without generation."""
+    seeds = study.seeds or [shared.seed]
     planned = []
-    for arm, command, own_flags in arms(args):
-        default = parser.parse_args([command]).learning_rate if command != "evaluate" else None
-        rates = [None] if command == "evaluate" else rate_grid(args, arm.split("-r")[0], default)
+    for arm, fields in arms(study):
+        command = fields["command"]
+        default = None if command == "evaluate" else shared.learning_rate or METHOD_DEFAULTS[command][0]
+        rates = [None] if command == "evaluate" else rate_grid(study, arm.split("-r")[0], default)
         swept = len(rates) > 1
         for rate in rates:
             for s in seeds:
                 name = arm + (f"-lr{rate_text(rate)}" if swept else "") + (f"-s{s}" if len(seeds) > 1 else "")
-                settings = {"seed": s} | ({"learning_rate": rate} if rate else {})
-                settings |= {"eval_examples": 0} if swept else {}  # generation only at the chosen rate, later
-                flags = command_flags(args, parser, command, **settings) + own_flags
-                planned.append(Planned(name, arm, flags, rate, s))
+                own = fields | {"seed": s} | ({"learning_rate": rate} if rate else {})
+                own |= {"eval_examples": 0} if swept else {}  # generation only at the chosen rate, later
+                planned.append(Planned(arm, run_settings(shared, study_dir, name, **own)))
     return planned
 
 
@@ -134,37 +159,29 @@ def match_existing(study_dir: Path, planned: list[Planned]) -> None:
         if results.get("mode") in ("base", "full", "lora"):
             existing.setdefault((arm_name(results), learning_rate(results), seed(results)), path.parent.name)
     for run in planned:
-        run.name = existing.get((run.arm, run.rate, run.seed), run.name)
+        run.settings = replace(run.settings, run_name=existing.get(run.key, run.name))
 
 
-# Flags that change how a run is logged, checkpointed or batched for generation, not what it measures; and
-# eval_examples, since a swept run's generation is its own run.
-NOT_RESULTS = (
-    "cache_dir",
-    "logging_steps",
-    "eval_batch_size",
-    "report_to",
-    "save_steps",
-    "save_total_limit",
-    "eval_examples",
-)
+# A swept arm's runs train with --eval_examples 0 and generate in runs of their own: not a difference of setting.
+NOT_CHECKED = ("eval_examples",)
 
 
-def changed_settings(config: dict, expected: argparse.Namespace) -> list[str]:
-    """The flags whose recorded value differs from what this study command would run the run with."""
+def changed_settings(config: dict, expected: RunSettings) -> list[str]:
+    """The settings (bookkeeping aside) whose recorded value differs from what this study would run with."""
     return [
         f"--{key} {config.get(key)} -> {value}"
-        for key, value in vars(expected).items()
+        for key, value in expected.to_config().items()
         if key in config
-        and key not in (*NOT_PASSED, *NOT_RESULTS)
+        and SETTING_KINDS[key] != "bookkeeping"
+        and key not in NOT_CHECKED
         and json.dumps(canonical(key, config[key])) != json.dumps(canonical(key, value))
     ]
 
 
-def check_settings(study_dir: Path, name: str, planned: list[Planned], parser: argparse.ArgumentParser) -> None:
+def check_settings(study_dir: Path, name: str, planned: list[Planned]) -> None:
     """Before any run starts: a run (finished or not) recorded with other settings than this command gives it."""
     for run in planned:
-        changed = changed_settings(recorded(study_dir / run.name).get("config", {}), parser.parse_args(run.flags))
+        changed = changed_settings(recorded(study_dir / run.name).get("config", {}), run.settings)
         if changed:
             raise ToolError(
                 f"study {name}: {run.name} was started with other settings ({', '.join(changed)}); "
@@ -179,15 +196,13 @@ def done(results: dict) -> bool:
     )
 
 
-def generation_runs(
-    args: argparse.Namespace, parser: argparse.ArgumentParser, study_dir: Path, planned: list[Planned]
-) -> list[Planned] | None:
+def generation_runs(shared: RunSettings, study_dir: Path, planned: list[Planned]) -> list[Planned] | None:
     """Generation for each arm's chosen rate (every seed) where its runs trained without it: an `evaluate` of the
     saved model (with the adapter on the same base for LoRA). None until every trained run is done."""
     records = trained_results(study_dir, planned)
     if not all(done(r) for r in records):
         return None
-    if args.eval_examples == 0:
+    if shared.eval_examples == 0:
         return []
     by_dir = {r["run_dir"]: run for run, r in zip(planned, records, strict=True)}
     found = []
@@ -201,9 +216,9 @@ def generation_runs(
                 model = {"model": str(saved / "model"), "from_scratch": False}
             else:
                 model = {"adapter": str(saved / "adapter")}
-            flags = command_flags(args, parser, "evaluate", seed=trained.seed, **model)
-            name = f"{trained.name}-generation"
-            found.append(Planned(name, arm.name, flags, trained.rate, trained.seed, generation_of=trained.name))
+            fields = {"command": "evaluate", "seed": trained.settings.seed, **model}
+            settings = run_settings(shared, study_dir, f"{trained.name}-generation", **fields)
+            found.append(Planned(arm.name, settings, generation_of=trained.name))
     return found
 
 
@@ -229,8 +244,8 @@ class Launcher:
     its own share of the CPUs (affinity, and as many torch threads). With --jobs above 1 each run records
     concurrent_runs."""
 
-    def __init__(self, args: argparse.Namespace, gpus: list[str]) -> None:
-        self.jobs, self.per_run, self.gpus = args.jobs, args.gpus_per_run, gpus
+    def __init__(self, study: StudySettings, gpus: list[str]) -> None:
+        self.jobs, self.per_run, self.gpus = study.jobs, study.gpus_per_run, gpus
         cpus = usable_cpus()
         share = len(cpus) // self.jobs
         self.cpus = [cpus[i * share : (i + 1) * share] for i in range(self.jobs)]
@@ -257,7 +272,9 @@ class Launcher:
         )
 
 
-def execute(runs: list[Planned], study_dir: Path, name: str, launcher: Launcher) -> None:
+def execute(
+    runs: list[Planned], study_dir: Path, name: str, launcher: Launcher, parser: argparse.ArgumentParser
+) -> None:
     """Run every run not done, up to --jobs at once; wait for those another process holds. Ctrl-C or SIGTERM (a
     closed terminal's SIGHUP as SIGTERM) goes to every running run, which checkpoints and stops; then the study
     stops. A run that fails other than by diverging stops the study once the running ones end."""
@@ -300,7 +317,7 @@ def execute(runs: list[Planned], study_dir: Path, name: str, launcher: Launcher)
                         print(f"study {name}: {run.name} is running in another process; waiting for it", flush=True)
                     continue
                 pending.remove(run)
-                argv = run.argv(study_dir) + (["--resume"] if run_dir.exists() else [])
+                argv = run.argv(parser) + (["--resume"] if run_dir.exists() else [])
                 print(f"study {name}: {run.name}: python main.py {shlex.join(argv)}", flush=True)
                 slot = slots.pop(0)
                 running[launcher.start(argv, slot)] = (run, slot)
@@ -316,22 +333,20 @@ def execute(runs: list[Planned], study_dir: Path, name: str, launcher: Launcher)
         raise ToolError(f"study {name}: {', '.join(failed)} failed (the error is above); {again}")
 
 
-def check_resources(args: argparse.Namespace, parser: argparse.ArgumentParser, gpus: list[str]) -> None:
+def check_resources(study: StudySettings, parser: argparse.ArgumentParser, gpus: list[str]) -> None:
     """More runs at once than the host can hold is a flag error, before anything runs."""
-    if gpus and args.jobs * args.gpus_per_run > len(gpus):
-        parser.error(
-            f"--jobs {args.jobs} x --gpus_per_run {args.gpus_per_run} needs {args.jobs * args.gpus_per_run} GPUs; "
-            f"this host has {len(gpus)}"
-        )
-    if not gpus and args.gpus_per_run > 1:
-        parser.error(f"--gpus_per_run {args.gpus_per_run} needs GPUs; this host has none")
-    if not gpus and args.jobs > len(usable_cpus()):
-        parser.error(f"--jobs {args.jobs}: more runs at once than the {len(usable_cpus())} CPUs here")
+    jobs, per_run = study.jobs, study.gpus_per_run
+    if gpus and jobs * per_run > len(gpus):
+        parser.error(f"--jobs {jobs} x --gpus_per_run {per_run} needs {jobs * per_run} GPUs; this host has {len(gpus)}")
+    if not gpus and per_run > 1:
+        parser.error(f"--gpus_per_run {per_run} needs GPUs; this host has none")
+    if not gpus and jobs > len(usable_cpus()):
+        parser.error(f"--jobs {jobs}: more runs at once than the {len(usable_cpus())} CPUs here")
 
 
-def list_runs(runs: list[Planned], generation: list[Planned] | None, study_dir: Path) -> None:
+def list_runs(runs: list[Planned], generation: list[Planned] | None, parser: argparse.ArgumentParser) -> None:
     for index, run in enumerate(runs + (generation or [])):
-        print(f"{index}\t{run.name}\tpython {MAIN.name} {shlex.join(run.argv(study_dir))}")
+        print(f"{index}\t{run.name}\tpython {MAIN.name} {shlex.join(run.argv(parser))}")
     if generation is None:
         print(
             f"then generation for each arm's chosen rate: listed from index {len(runs)} once every run above is done",
@@ -341,28 +356,29 @@ def list_runs(runs: list[Planned], generation: list[Planned] | None, study_dir: 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Run the study's runs that are not done (or with --only, one; with --list, none), then generation for the
     chosen rates, then print the results and write the report in the study's directory."""
-    name = args.study_name or f"study-{timestamp()}"
-    study_dir = Path(args.output_dir) / name
-    planned = plan(args, parser)
+    study, shared = StudySettings.from_flags(args), RunSettings.from_flags(args)
+    name = study.study_name or f"study-{timestamp()}"
+    study_dir = Path(shared.output_dir) / name
+    planned = planned_runs(study, shared, study_dir)
     match_existing(study_dir, planned)
-    generation = generation_runs(args, parser, study_dir, planned)
-    if args.list:
-        return list_runs(planned, generation, study_dir)
+    generation = generation_runs(shared, study_dir, planned)
+    if study.list:
+        return list_runs(planned, generation, parser)
     every = planned + (generation or [])
-    if args.only is not None and args.only >= len(every):
+    if study.only is not None and study.only >= len(every):
         later = "" if generation is not None else " (generation runs are listed once the others are done)"
-        parser.error(f"--only {args.only}: the study has runs 0 to {len(every) - 1} now{later}")
+        parser.error(f"--only {study.only}: the study has runs 0 to {len(every) - 1} now{later}")
     gpus = visible_gpus()
-    check_resources(args, parser, gpus)
-    check_settings(study_dir, name, every, parser)
-    launcher = Launcher(args, gpus)
-    if args.only is not None:
-        return execute([every[args.only]], study_dir, name, launcher)
+    check_resources(study, parser, gpus)
+    check_settings(study_dir, name, every)
+    launcher = Launcher(study, gpus)
+    if study.only is not None:
+        return execute([every[study.only]], study_dir, name, launcher, parser)
     print(f"study {name}: {len(planned)} runs ({', '.join(r.name for r in planned)}) in {study_dir}", flush=True)
-    execute(planned, study_dir, name, launcher)
-    generation = generation_runs(args, parser, study_dir, planned)
-    check_settings(study_dir, name, generation, parser)
-    execute(generation, study_dir, name, launcher)
+    execute(planned, study_dir, name, launcher, parser)
+    generation = generation_runs(shared, study_dir, planned)
+    check_settings(study_dir, name, generation)
+    execute(generation, study_dir, name, launcher, parser)
     print(study_report(study_dir, report_runs(study_dir, planned, generation)))
     print(f"\nreport: {study_dir / 'report.md'}")
 

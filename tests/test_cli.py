@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -121,3 +122,34 @@ def test_compare_names_and_skips_a_damaged_results_file(trained_runs, capsys):
         assert "full (full-run)" in captured.out
     finally:
         damaged.unlink()
+
+
+def test_a_precision_this_machine_lacks_is_refused_before_anything_is_claimed(common_flags, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("fp16 runs on this machine")
+    assert cli.main(["full", *common_flags, "--output_dir", str(tmp_path / "out"), "--precision", "fp16"]) == 1
+    assert "--precision fp16 needs a CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_records_its_paths_resolved_and_compare_elsewhere_keeps_them(
+    tiny_model_dir, data_dir, tmp_path, monkeypatch
+):
+    """Relative paths mean the directory the run started in, wherever `compare` runs later."""
+    work = tmp_path / "work"
+    (work / "elsewhere").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    relative_data = os.path.relpath(data_dir, work)
+    flags = ["--model", str(tiny_model_dir), "--data_dir", relative_data, "--block_size", "32", "--eval_examples", "0"]
+    flags += ["--cache_dir", str(tmp_path / "cache"), "--output_dir", "out"]
+    assert cli.main(["evaluate", *flags, "--run_name", "base"]) == 0
+    record = json.loads((work / "out" / "base" / "results.json").read_text())
+    assert record["config"]["data_dir"] == str(Path(data_dir).resolve())
+    assert record["paths_as_typed"]["data_dir"] == relative_data
+    monkeypatch.chdir(work / "elsewhere")
+    assert cli.main(["compare", "--output_dir", str(work / "out")]) == 0
+    report = (work / "out" / "report.md").read_text()
+    (row,) = [line.split("|") for line in report.splitlines() if line.startswith("| data_dir ")]
+    assert row[2].strip() == relative_data

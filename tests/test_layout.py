@@ -29,8 +29,8 @@ def test_the_pipeline_never_imports_the_study_or_analysis_side():
 
 def test_the_study_side_and_compare_answer_without_torch(tmp_path):
     modules = [f"study.{p.stem}" for p in (ROOT / "study").glob("*.py") if p.stem != "__init__"]
-    code = f"import sys, main; [__import__(m) for m in {modules!r}]; main.main(['compare', '--output_dir', {str(tmp_path)!r}]);"
-    code += "sys.exit('torch' in sys.modules)"
+    code = f"import sys, main; [__import__(m) for m in {modules!r}]; "
+    code += f"main.main(['compare', '--output_dir', {str(tmp_path)!r}]); sys.exit('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert f"no finished runs under {tmp_path}" in done.stdout

@@ -87,17 +87,18 @@ def test_the_same_study_again_trains_nothing_and_changes_no_finished_arm(study, 
 
 def test_runs_of_other_settings_get_their_own_table_and_a_saved_model_is_no_base(study, common_flags, capsys):
     flags = [*common_flags, "--output_dir", str(study["dir"]), "--eval_examples", "3"]
-    assert cli.main(["full", *flags, "--run_name", "other-seed", "--seed", "7", "--max_steps", "4"]) == 0
+    # another experiment (block size): a table of its own; another seed would be a replicate in the study's table
+    assert cli.main(["full", *flags, "--run_name", "other-block", "--block_size", "16", "--max_steps", "4"]) == 0
     assert cli.main(["evaluate", *flags, "--model", str(study["dir"] / "full" / "model"), "--run_name", "again"]) == 0
     capsys.readouterr()
     assert cli.main(study["argv"]) == 0
     printed = capsys.readouterr().out
-    assert "other-seed" not in printed and "again" not in printed and "base (base)" in printed
+    assert "other-block" not in printed and "again" not in printed and "base (base)" in printed
 
     assert cli.main(["compare", "--output_dir", str(study["dir"]), "--all"]) == 0
     tables = capsys.readouterr().out.split("Set ")[1:]
     assert len(tables) == 3
-    (other,) = [t for t in tables if "other-seed" in t]
+    (other,) = [t for t in tables if "other-block" in t]
     (saved,) = [t for t in tables if "(again)" in t]
     assert "full (full)" not in other and "base (base)" not in other
     assert "saved (again)" in saved and "base (" not in saved

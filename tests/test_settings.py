@@ -1,0 +1,113 @@
+"""Typed settings: every flag declared once with its kind, the command a study runs built from them, and what
+makes runs comparable read from those declarations (fast: no training)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import main as cli
+from pipeline.settings import KINDS, SETTING_COMMANDS, SETTING_KINDS, RunSettings
+from study.report import canonical, comparable_sets, compare, differences, measured_on
+from study.runner import StudySettings, planned_runs
+
+LEGACY = Path(__file__).with_name("legacy-study")
+
+
+def flags(command: str) -> set[str]:
+    parser = cli.build_parser()
+    (sub,) = [a for a in parser._actions if a.dest == "command"]
+    return {a.dest for a in sub.choices[command]._actions if a.dest != "help"}
+
+
+@pytest.mark.parametrize("command", ["full", "lora", "evaluate"])
+def test_every_flag_of_a_run_is_a_declared_setting_of_its_command(command):
+    assert all(kind in KINDS for kind in SETTING_KINDS.values())
+    declared = {name for name, commands in SETTING_COMMANDS.items() if command in commands}
+    assert (
+        flags(command) | {"command"} == declared
+    )  # a new flag without a declaration (or one in the wrong group) fails here
+
+
+def test_every_study_flag_is_a_run_setting_or_the_studys_own():
+    own = {f.name for f in dataclasses.fields(StudySettings)}
+    assert flags("study") <= set(SETTING_KINDS) | own
+    assert SETTING_KINDS["seed"] == "replicate" and SETTING_KINDS["learning_rate"] == "swept"
+
+
+def test_a_runs_settings_turn_into_the_command_line_that_gives_them_back():
+    parser = cli.build_parser()
+    argv = ["lora", "--lora_rank", "8", "--use_dora", "--lora_target_modules", "c_attn,c_fc", "--seed", "3"]
+    argv += ["--learning_rate", "0.0003", "--lr_scheduler_type", "cosine", "--warmup_steps", "5"]
+    settings = RunSettings.from_flags(parser.parse_args(argv))
+    defaults = RunSettings.from_flags(parser.parse_args(["lora"]))
+    assert sorted(settings.to_argv(defaults)) == sorted(argv)  # only what differs from the defaults
+    assert RunSettings.from_flags(parser.parse_args(settings.to_argv(defaults))) == settings
+    assert "epochs" not in RunSettings.from_flags(parser.parse_args(["evaluate"])).to_config()
+
+
+def test_a_study_plans_each_arm_by_replacing_fields_of_the_shared_settings(tmp_path):
+    args = cli.build_parser().parse_args(["study", "--arms", "base,full,dora", "--lora_ranks", "2,8", "--seed", "5"])
+    study = StudySettings(args.arms, args.lora_ranks, args.study_name)
+    planned = {p.name: p.settings for p in planned_runs(study, RunSettings.from_flags(args), tmp_path)}
+    assert list(planned) == ["base", "full", "dora-r2", "dora-r8"]
+    assert planned["base"].command == "evaluate" and planned["base"].learning_rate is None
+    assert (planned["full"].learning_rate, planned["full"].weight_decay) == cli.METHOD_DEFAULTS["full"]
+    assert planned["dora-r8"].lora_rank == 8 and planned["dora-r8"].use_dora and not planned["dora-r8"].use_rslora
+    assert {s.seed for s in planned.values()} == {5} and planned["dora-r2"].output_dir == str(tmp_path)
+
+
+def test_compare_on_runs_an_earlier_version_wrote_gives_the_same_table(tmp_path):
+    shutil.copytree(LEGACY, tmp_path / "legacy")
+    compare(tmp_path / "legacy")
+    assert (tmp_path / "legacy" / "comparison.md").read_text() == (LEGACY / "expected-comparison.md").read_text()
+
+
+def legacy_runs() -> list[dict]:
+    return [json.loads(p.read_text()) | {"run_dir": str(p.parent)} for p in sorted(LEGACY.glob("*/results.json"))]
+
+
+def test_seed_replicates_share_a_table_and_a_new_experiment_setting_does_not():
+    runs = legacy_runs()
+    replicate = json.loads(json.dumps(runs[1]))  # full, another seed
+    replicate["config"]["seed"], replicate["run_dir"] = 7, "/elsewhere/full-s7"
+    other = json.loads(json.dumps(runs[1]))
+    other["config"]["block_size"], other["run_dir"] = 64, "/elsewhere/full-b64"
+    sets = comparable_sets([*runs, replicate, other])
+    assert len(sets) == 2
+    (with_base,) = [s for s in sets if any(r["mode"] == "base" for r in s)]
+    assert "/elsewhere/full-s7" in [r["run_dir"] for r in with_base]
+    assert differences(with_base)[1]["seed"]["full (full-s7)"] == 7
+
+
+def test_hardware_and_threads_that_differ_are_listed_and_said_per_column():
+    base, full, lora, _ = legacy_runs()
+    lora["environment"] = lora["environment"] | {"cpu_threads": 1}
+    (one,) = comparable_sets([base, full, lora])
+    assert set(differences(one)[1]["cpu_threads"].values()) == {1, 2}
+    line = measured_on(one, ["b", "f", "l"])
+    assert "different hardware" in line and "l: cpu with torch" in line and "1 CPU threads" in line
+    assert measured_on([base, full], ["b", "f"]).startswith("Measured on cpu with torch")
+
+
+def test_an_earlier_run_without_a_recorded_schedule_shares_a_table_with_one_at_the_trainers_defaults():
+    base, full, lora, _ = legacy_runs()
+    lora["config"] |= {"lr_scheduler_type": "linear", "warmup_steps": 0}
+    assert len(comparable_sets([base, full, lora])) == 1
+    lora["config"]["warmup_steps"] = 10
+    assert len(comparable_sets([base, full, lora])) == 2
+
+
+def test_values_compare_as_what_they_mean_and_the_latest_of_identical_runs_is_shown():
+    assert canonical("epochs", 2.0) == 2 and canonical("model", "gpt2") == "openai-community/gpt2"
+    base, full, lora, _ = legacy_runs()
+    again = json.loads(json.dumps(full)) | {"finished_at": "99991231-000000", "run_dir": "/elsewhere/full-again"}
+    again["config"]["logging_steps"] = 7  # swept: listed, so another column
+    same = json.loads(json.dumps(full)) | {"finished_at": "99991231-000001", "run_dir": "/elsewhere/full-same"}
+    same["config"]["save_total_limit"] = 9  # bookkeeping: the same run, the latest shown
+    (one,) = comparable_sets([base, full, lora, again, same])
+    assert [r["run_dir"].rsplit("/", 1)[1] for r in one] == ["base", "full-again", "full-same", "lora-r4"]
