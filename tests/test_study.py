@@ -217,3 +217,23 @@ def test_a_sweep_with_seeds_runs_piecewise_chooses_on_validation_and_generates_o
     assert cli.main([*argv, "--jobs", "2"]) == 0
     assert "python main.py" not in capfd.readouterr().out
     assert (study_dir / "report.md").read_text() == report
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--learning_rates", "full=0,1e-5"], "must be positive, got 0"),
+        (["--learning_rates", "dora=1e-4"], "dora is not a trained arm of --arms base,full,lora"),
+        (["--learning_rates", "1e-4,1e-4"], "each value once"),
+        (["--seeds", "1,2,1"], "each value once"),
+        (["--learning_rate", "1e-4", "--lr_sweep", "3"], "give one of --learning_rate and --lr_sweep"),
+        (["--jobs", "4096"], "--jobs 4096: more runs at once than"),
+        (["--only", "3"], "--only 3: the study has runs 0 to 2 now"),
+    ],
+)
+def test_bad_study_input_is_one_error_line_before_anything_runs(flags, says, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # a CPU host, whatever this one has
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["study", "--output_dir", str(tmp_path), "--study_name", "s", "--eval_examples", "0", *flags])
+    assert exit_info.value.code == 2 and says in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
