@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from transformers import AutoModelForCausalLM, integrations
 
 import main as cli
 from lora_finetuning import add_lora_adapters
+from pipeline.run_directory import take_lock
 from study.report import comparable_sets, differences
 from study.statistics import rate_text
 
@@ -237,3 +239,22 @@ def test_bad_study_input_is_one_error_line_before_anything_runs(flags, says, tmp
         cli.main(["study", "--output_dir", str(tmp_path), "--study_name", "s", "--eval_examples", "0", *flags])
     assert exit_info.value.code == 2 and says in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_a_run_another_process_holds_is_waited_for_not_run_twice(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    run_dir = tmp_path / "s" / "full"
+    run_dir.mkdir(parents=True)
+    (run_dir / "results.json").write_text(json.dumps({"status": "running", "mode": "full"}))
+    lock = take_lock(run_dir)  # as a run started by `--only 0` elsewhere holds it
+
+    def finish() -> None:
+        (run_dir / "results.json").write_text(json.dumps({"status": "finished", "mode": "full"}))
+        lock.close()
+
+    timer = threading.Timer(1.5, finish)
+    timer.start()
+    assert cli.main(["study", "--output_dir", str(tmp_path), "--study_name", "s", "--arms", "full", "--only", "0"]) == 0
+    timer.join()
+    printed = capsys.readouterr().out
+    assert "full is running in another process; waiting for it" in printed and "python main.py" not in printed
