@@ -11,5 +11,5 @@ from pipeline.training import finetune
 
 def run(args: RunSettings) -> dict[str, Any]:
     tokenizer = load_tokenizer(args.model)
-    model = load_causal_lm(args.model, from_scratch=args.from_scratch)
-    return finetune(args, "full", model, tokenizer)
+    model, checkpoint_dtype = load_causal_lm(args.model, from_scratch=args.from_scratch)
+    return finetune(args, "full", model, tokenizer, checkpoint_dtype)

@@ -28,5 +28,5 @@ def add_lora_adapters(model: PreTrainedModel, args: RunSettings) -> PeftModel:
 
 def run(args: RunSettings) -> dict[str, Any]:
     tokenizer = load_tokenizer(args.model)
-    model = add_lora_adapters(load_causal_lm(args.model, from_scratch=args.from_scratch), args)
-    return finetune(args, "lora", model, tokenizer)
+    model, checkpoint_dtype = load_causal_lm(args.model, from_scratch=args.from_scratch)
+    return finetune(args, "lora", add_lora_adapters(model, args), tokenizer, checkpoint_dtype)

@@ -151,7 +151,7 @@ def data_flags() -> argparse.ArgumentParser:
         "--precision",
         choices=["auto", "fp32", "fp16", "bf16"],
         default="auto",
-        help="auto: bf16 on GPUs that support it, else fp16 on CUDA, else fp32",
+        help="auto: bf16 on GPUs that run it natively, else fp16 on CUDA, else fp32",
     )
     g.add_argument("--cache_dir", default=str(default_cache_dir()), help="where packed data is cached")
     g.add_argument("--output_dir", default="results", help="runs are written below it (default: results)")

@@ -18,7 +18,7 @@ from utils import ToolError, one_line
 def run(args: RunSettings) -> dict[str, Any]:
     mode = "adapter" if args.adapter else "saved" if is_saved_run_model(args.model) else "base"
     tokenizer = load_tokenizer(args.model)
-    model = load_causal_lm(args.model, from_scratch=args.from_scratch)
+    model, checkpoint_dtype = load_causal_lm(args.model, from_scratch=args.from_scratch)
     if args.adapter:
         try:
             model = PeftModel.from_pretrained(model, args.adapter)
@@ -28,7 +28,7 @@ def run(args: RunSettings) -> dict[str, Any]:
         args.run_name = run.path.name
         splits, data = load_packed_splits(args, tokenizer)
         trainer = evaluation_trainer(args, model, run.path)
-        results = run_record(args, mode, run, model, trainer)
+        results = run_record(args, mode, run, model, trainer, checkpoint_dtype)
         if trainer.is_world_process_zero():
             write_results(run.path, results)
         with MachineLoad(trainer.is_world_process_zero()) as load:

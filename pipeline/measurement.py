@@ -207,27 +207,43 @@ def gpu_samples(handles: list) -> list[tuple[int, float]]:
 
 
 class RunClock(TrainerCallback):
-    """Seconds a run spent in optimizer steps, in loss evaluation and in checkpoint saves.
+    """Seconds a run spent in optimizer steps, in loss evaluation and in checkpoint saves, over every session.
 
     A step runs from the Trainer's step-begin to its step-end callback: forward, backward and optimizer update.
+    Each session's first step (one-time start-up: allocation, kernel selection, CUDA initialisation, compilation)
+    is also counted apart, in first_step_s and first_step_tokens, so that a rate can leave it out.
     """
 
-    KEYS = ("train_time_s", "eval_time_s", "checkpoint_time_s")
+    KEYS = ("train_time_s", "first_step_s", "eval_time_s", "checkpoint_time_s")
 
     def __init__(self) -> None:
         self.seconds = dict.fromkeys(self.KEYS, 0.0)
+        self.first_step_tokens = 0
         self._step_start = 0.0
+        self._tokens_at_start = 0
+        self._first_of_session = True
 
     def start_from(self, figures: dict) -> None:
-        """Continue from the seconds a checkpoint recorded."""
+        """Continue from the figures a checkpoint recorded."""
         self.seconds = {key: float(figures.get(key) or 0.0) for key in self.KEYS}
+        self.first_step_tokens = int(figures.get("first_step_tokens") or 0)
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._step_start = time.perf_counter()
+        self._step_start, self._tokens_at_start = time.perf_counter(), state.num_input_tokens_seen
 
     def on_step_end(self, args, state, control, **kwargs):
         synchronize(args.device)
-        self.seconds["train_time_s"] += time.perf_counter() - self._step_start
+        seconds = time.perf_counter() - self._step_start
+        self.seconds["train_time_s"] += seconds
+        if self._first_of_session:
+            self._first_of_session = False
+            self.seconds["first_step_s"] += seconds
+            self.first_step_tokens += int(state.num_input_tokens_seen - self._tokens_at_start)
+
+    def tokens_per_s(self, tokens: int) -> float | None:
+        """Training tokens per second over the steps after each session's first; None before there are any."""
+        seconds = self.seconds["train_time_s"] - self.seconds["first_step_s"]
+        return (tokens - self.first_step_tokens) / seconds if seconds > 0 else None
 
     @contextmanager
     def timing(self, key: str) -> Iterator[None]:

@@ -34,12 +34,24 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_causal_lm(name: str, from_scratch: bool = False) -> PreTrainedModel:
-    """Pretrained weights, or with `from_scratch` a random init of the same architecture (no weights needed)."""
+def load_causal_lm(name: str, from_scratch: bool = False) -> tuple[PreTrainedModel, str]:
+    """Pretrained weights, or with `from_scratch` a random init of the same architecture (no weights needed), in
+    float32 whatever the checkpoint's dtype; and the checkpoint's own dtype (e.g. "bfloat16").
+
+    float32 master weights: AdamW's small updates round away in a half-precision weight, and transformers would load
+    a half-precision checkpoint as it is stored. Mixed precision comes only from --precision (autocast).
+    """
     if from_scratch:
         config = _load("model config", name, AutoConfig.from_pretrained)
-        return AutoModelForCausalLM.from_config(config)
-    return _load("model", name, AutoModelForCausalLM.from_pretrained)
+        stored = config.dtype or torch.float32  # from_config would follow it
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    else:
+        # dtype "auto" (transformers' default) says what the checkpoint holds, also when its config does not
+        model = _load("model", name, AutoModelForCausalLM.from_pretrained)
+        stored = model.dtype
+        model.to(torch.float32)
+        model.config.dtype = torch.float32  # so that the saved model reloads as it trained
+    return model, str(stored).removeprefix("torch.")
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

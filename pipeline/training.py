@@ -24,13 +24,21 @@ from pipeline.settings import RunSettings
 from pipeline.summary import method_name, plot_loss_curves, print_run_summary
 from utils import CONCURRENT_RUNS_VARIABLE, MIB, RunInterrupted, ToolError, environment_info, make_durable, timestamp
 
+PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
 
 def resolve_precision(choice: str) -> str:
-    """auto: bf16 on GPUs that support it, else fp16 on CUDA, else fp32."""
+    """--precision for this machine (see choose_precision)."""
     cuda = torch.cuda.is_available()
+    # Native only: by default torch also counts bf16 that pre-Ampere GPUs (T4, V100) emulate, at emulated speed.
+    return choose_precision(choice, cuda, cuda and torch.cuda.is_bf16_supported(including_emulation=False))
+
+
+def choose_precision(choice: str, cuda_available: bool, bf16_native: bool) -> str:
+    """auto: bf16 on GPUs that run it natively, else fp16 on CUDA, else fp32; an explicit choice as given."""
     if choice == "auto":
-        return ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
-    if choice == "fp16" and not cuda:
+        return ("bf16" if bf16_native else "fp16") if cuda_available else "fp32"
+    if choice == "fp16" and not cuda_available:
         raise ToolError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on this machine")
     return choice
 
@@ -167,7 +175,12 @@ def load_packed_splits(args: RunSettings, tokenizer: PreTrainedTokenizerBase) ->
 
 
 def run_record(
-    args: RunSettings, mode: str, run: RunDirectory, model: PreTrainedModel, trainer: Trainer
+    args: RunSettings,
+    mode: str,
+    run: RunDirectory,
+    model: PreTrainedModel,
+    trainer: Trainer,
+    checkpoint_dtype: str,
 ) -> dict[str, Any]:
     """The fields of results.json every run has, before anything is measured."""
     trainable, total = count_parameters(model)
@@ -185,6 +198,7 @@ def run_record(
         "environment": environment_info(),
         "hub_unreachable_reason": hub.unreachable_reason,  # set when the run read the local cache instead
         "precision": resolve_precision(args.precision),
+        "checkpoint_dtype": checkpoint_dtype,  # the weights are trained (and evaluated) in float32 whatever it is
         "world_size": trainer.args.world_size,
         "peak_memory_is_max_over_processes": trainer.args.world_size > 1,
         "gpus_per_process": trainer.args.n_gpu,
@@ -225,13 +239,19 @@ def evaluate_and_save_results(
         test_loss=test_loss,
         test_perplexity=perplexity(test_loss),
         metrics=None,
+        generation_precision=None,
     )
     if not trainer.is_world_process_zero():
         return results
     pairs = prompt_reference_pairs(splits["test"], args.eval_examples)
     if pairs:
+        # Without the autocast wrapper accelerate put on the forward: it would hold for full and base but not for
+        # the forward PEFT's generate calls, and in bf16 batched and one-at-a-time beams part ways. Every arm
+        # generates with its weights as they are: float32 (load_causal_lm).
+        model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+        results["generation_precision"] = PRECISION_NAMES[model.dtype]
         results["metrics"], generation_figures = evaluate_generation(
-            trainer.accelerator.unwrap_model(trainer.model),
+            model,
             tokenizer,
             pairs,
             num_beams=args.num_beams,
@@ -257,24 +277,30 @@ def figures_so_far(
     for key, value in peaks.items():  # a resumed run's peak covers the sessions before it too
         peaks[key] = max((v for v in (value, previous.get(key)) if v is not None), default=None)
     tokens = int(trainer.state.num_input_tokens_seen)  # every process's tokens, restored on resume
-    seconds = trainer.clock.seconds
+    clock = trainer.clock
     return {
-        **seconds,
+        **clock.seconds,
         **peaks,
         "optimizer_steps": trainer.state.global_step,
         "train_tokens": tokens,
-        "train_tokens_per_s": tokens / seconds["train_time_s"] if seconds["train_time_s"] else None,
+        "first_step_tokens": clock.first_step_tokens,
+        "train_tokens_per_s": clock.tokens_per_s(tokens),
         "machine_load": load.summary(),
     }
 
 
 def finetune(
-    args: RunSettings, mode: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+    args: RunSettings,
+    mode: str,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    checkpoint_dtype: str,
 ) -> dict[str, Any]:
-    """Train `model` on the packed splits, measure the run, evaluate it, save it; return results.json's content."""
+    """Train `model` (loaded from a checkpoint of `checkpoint_dtype`) on the packed splits, measure the run,
+    evaluate it, save it; return results.json's content."""
     with claim_run(args, mode) as run:
         try:
-            return train_evaluate_save(args, mode, model, tokenizer, run)
+            return train_evaluate_save(args, mode, model, tokenizer, checkpoint_dtype, run)
         except RunInterrupted:
             raise
         except Exception as e:
@@ -288,6 +314,7 @@ def train_evaluate_save(
     mode: str,
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
+    checkpoint_dtype: str,
     run: RunDirectory,
 ) -> dict[str, Any]:
     """finetune() inside the run directory it holds."""
@@ -299,7 +326,7 @@ def train_evaluate_save(
     trainer.clock.start_from(run.figures)
     stop = StopOnSignal()
     trainer.add_callback(stop)
-    results = run_record(args, mode, run, model, trainer)
+    results = run_record(args, mode, run, model, trainer, checkpoint_dtype)
     main = trainer.is_world_process_zero()
 
     with MachineLoad(main, run.figures.get("machine_load")) as load:

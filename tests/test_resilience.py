@@ -78,6 +78,9 @@ def test_sigterm_saves_a_checkpoint_and_resume_ends_with_the_uninterrupted_weigh
     resumed = json.loads((tmp_path / "stopped" / "results.json").read_text())
     assert resumed["status"] == "finished" and resumed["optimizer_steps"] == 12
     assert resumed["train_tokens"] == 12 * 4 * 32
+    # each session's first step is timed apart: the stopped one's, kept by its checkpoint, and the resumed one's
+    assert stopped["first_step_tokens"] == 4 * 32 and resumed["first_step_tokens"] == 2 * 4 * 32
+    assert resumed["first_step_s"] > stopped["first_step_s"] > 0
     # time continues from the checkpoint: it covers both sessions' steps, and saves and validation apart
     assert resumed["train_time_s"] > stopped["train_time_s"] and resumed["checkpoint_time_s"] > 0
     assert resumed["eval_time_s"] > 0
