@@ -99,6 +99,20 @@ def arm_names(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+# OpenWebText, the distribution GPT-2 was trained on: 10,000 documents as the Hub's parquet conversion of
+# stas/openwebtext-10k (its main branch is a loading script, which datasets 5 does not run), pinned to a commit.
+FORGETTING_DATASET = "stas/openwebtext-10k@84d357a666d1051e2e4e30d711d8d51ff491d40c"
+
+
+def forgetting_source(text: str) -> str | None:
+    """--forgetting_dataset: namespace/name[@revision], or none (off)."""
+    if text.lower() == "none":
+        return None
+    if "/" not in text.partition("@")[0]:
+        raise argparse.ArgumentTypeError(f"a Hub dataset id is namespace/name[@revision], or none; got {text}")
+    return text
+
+
 def tracker(name: str) -> str:
     """A --report_to choice whose package is installed (checked before any training starts)."""
     if name == "none":
@@ -126,7 +140,8 @@ def existing_file(text: str) -> str:
     return text
 
 
-def data_flags() -> argparse.ArgumentParser:
+def data_flags(forgetting: str | None = None) -> argparse.ArgumentParser:
+    """The model, data and evaluation flags; `forgetting`: the default forgetting dataset (None: off unless asked)."""
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("model and data")
     g.add_argument(
@@ -170,6 +185,21 @@ def data_flags() -> argparse.ArgumentParser:
         type=positive_float,
         default=1.3,
         help="new-token budget per reference word, rounded up to a multiple of 16 (default: 1.3)",
+    )
+    g = p.add_argument_group("forgetting: loss on general English that is not WikiText, at every validation")
+    g.add_argument(
+        "--forgetting_dataset",
+        type=forgetting_source,
+        nargs="?",
+        const=FORGETTING_DATASET,
+        default=forgetting,
+        help="Hub dataset namespace/name[@revision] (its train split's text column), or none (default: "
+        + (forgetting or f"none; given without a value: {FORGETTING_DATASET}")
+        + ")",
+    )
+    g.add_argument("--forgetting_data_dir", help="local .txt (a row per line) and .parquet (a text column) files")
+    g.add_argument(
+        "--forgetting_tokens", type=positive_int, default=100_000, help="its first N tokens (default: 100000)"
     )
     return p
 
@@ -262,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     study = commands.add_parser(
         "study",
         help="run base, full and LoRA arms with one set of settings, then write the report",
-        parents=[data_flags(), training_flags(None, None), lora_flags(per_arm=True)],
+        parents=[data_flags(FORGETTING_DATASET), training_flags(None, None), lora_flags(per_arm=True)],
     )
     g = study.add_argument_group("study")
     g.add_argument("--arms", type=arm_names, default=["base", "full", "lora"], help="(default: base,full,lora)")

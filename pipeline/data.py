@@ -40,16 +40,22 @@ def load_text_splits(dataset: str, dataset_config: str | None, data_dir: str | N
     splits = {}
     for split in SPLITS:
         txt, parquet = root / f"{split}.txt", root / f"{split}.parquet"
-        if txt.is_file():
-            # keep_linebreaks makes local rows look like the Hub's, which end in "\n".
-            splits[split] = load_dataset("text", data_files=str(txt), split="train", keep_linebreaks=True)
-        elif parquet.is_file():
-            splits[split] = load_dataset("parquet", data_files=str(parquet), split="train")
-        else:
+        if not (txt.is_file() or parquet.is_file()):
             raise ToolError(f"--data_dir {root} has no {split}.txt or {split}.parquet")
-        if "text" not in splits[split].column_names:
-            raise ToolError(f"{parquet} has no 'text' column")
+        splits[split] = load_text_file(txt if txt.is_file() else parquet)
     return splits
+
+
+def load_text_file(path: Path) -> Dataset:
+    """A local .txt file (a row per line) or .parquet file (a `text` column) as a dataset with a `text` column."""
+    if path.suffix == ".txt":
+        # keep_linebreaks makes local rows look like the Hub's, which end in "\n".
+        loaded = load_dataset("text", data_files=str(path), split="train", keep_linebreaks=True)
+    else:
+        loaded = load_dataset("parquet", data_files=str(path), split="train")
+    if "text" not in loaded.column_names:
+        raise ToolError(f"{path} has no 'text' column")
+    return loaded
 
 
 def take_fraction(split: Dataset, fraction: float, seed: int) -> Dataset:
@@ -59,14 +65,19 @@ def take_fraction(split: Dataset, fraction: float, seed: int) -> Dataset:
     return split.shuffle(seed=seed).select(range(math.ceil(fraction * len(split))))
 
 
-def tokenize_rows(texts: list[str], tokenizer: PreTrainedTokenizerBase, batch_size: int = 1000) -> np.ndarray:
-    """Token ids of the non-empty rows, concatenated in order."""
+def tokenize_rows(
+    texts: list[str], tokenizer: PreTrainedTokenizerBase, batch_size: int = 1000, max_tokens: int | None = None
+) -> np.ndarray:
+    """Token ids of the non-empty rows, concatenated in order; with `max_tokens`, only the first that many (rows
+    after those are not tokenized)."""
     rows = [t for t in texts if t.strip()]
     ids: list[int] = []
     for i in range(0, len(rows), batch_size):
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
         for row in tokenizer(rows[i : i + batch_size], verbose=False)["input_ids"]:
             ids.extend(row)
-    return np.asarray(ids, dtype=np.int32)
+    return np.asarray(ids[:max_tokens], dtype=np.int32)
 
 
 def pack_into_blocks(ids: np.ndarray, block_size: int) -> np.ndarray:
@@ -104,21 +115,30 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 
 
 def packed_blocks_cached(
-    texts: list[str], tokenizer: PreTrainedTokenizerBase, block_size: int, cache_dir: Path, tokenizer_key: str
+    texts: list[str],
+    tokenizer: PreTrainedTokenizerBase,
+    block_size: int,
+    cache_dir: Path,
+    tokenizer_key: str,
+    max_tokens: int | None = None,
 ) -> np.ndarray:
-    """pack_into_blocks(tokenize_rows(texts)), read from `cache_dir` when the same text and tokenizer were seen."""
-    digest = hashlib.sha256(f"{tokenizer_key}:{block_size}:".encode())
+    """pack_into_blocks(tokenize_rows(texts, max_tokens=...)), read from `cache_dir` when the same text, tokenizer,
+    block size and token budget were seen."""
+    budget = f"{max_tokens}:" if max_tokens is not None else ""  # keeps the keys of blocks cached without one
+    digest = hashlib.sha256(f"{tokenizer_key}:{block_size}:{budget}".encode())
     for text in texts:
         digest.update(text.encode())
         digest.update(b"\0")
     path = Path(cache_dir) / f"blocks-{digest.hexdigest()[:32]}.npy"
-    if path.is_file():
-        return np.load(path, mmap_mode="r")
-    blocks = pack_into_blocks(tokenize_rows(texts, tokenizer), block_size)
-    buffer = io.BytesIO()
-    np.save(buffer, blocks)
-    atomic_write_bytes(path, buffer.getvalue())
-    return blocks
+    if not path.is_file():
+        # With a budget, rows are tokenized a few at a time: a corpus far larger than the budget costs little.
+        rows_per_batch = 1000 if max_tokens is None else 64
+        blocks = pack_into_blocks(tokenize_rows(texts, tokenizer, rows_per_batch, max_tokens), block_size)
+        buffer = io.BytesIO()
+        np.save(buffer, blocks)
+        atomic_write_bytes(path, buffer.getvalue())
+    # Read from the file on a cold cache too: the run then holds what a warm one holds (memory is measured from here)
+    return np.load(path, mmap_mode="r")
 
 
 def prepare_lm_splits(

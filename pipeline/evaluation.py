@@ -26,9 +26,10 @@ def run(args: RunSettings) -> dict[str, Any]:
             raise ToolError(f"could not load LoRA adapter '{args.adapter}' ({one_line(e)})") from e
     with claim_run(args, mode) as run:  # an unfinished evaluation resumed with --resume simply starts over
         args.run_name = run.path.name
-        splits, data = load_packed_splits(args, tokenizer)
+        splits, data, forgetting = load_packed_splits(args, tokenizer)
         trainer = evaluation_trainer(args, model, run.path)
-        results = run_record(args, mode, run, model, trainer, checkpoint_dtype)
+        trainer.forgetting = forgetting.blocks
+        results = run_record(args, mode, run, model, trainer, checkpoint_dtype, forgetting)
         if trainer.is_world_process_zero():
             write_results(run.path, results)
         with MachineLoad(trainer.is_world_process_zero()) as load:

@@ -73,6 +73,19 @@ def hub_id(kind: str, name: str) -> str:
     return name
 
 
+def split_revision(source: str) -> tuple[str, str | None]:
+    """`namespace/name@revision` as (namespace/name, revision); the revision is None when not given."""
+    name, _, revision = source.partition("@")
+    return name, revision or None
+
+
+def forgetting_hub_id(args: RunSettings) -> str | None:
+    """The Hub dataset the run measures forgetting on; None when it is off, local or not measured."""
+    if args.from_scratch or args.forgetting_data_dir or not args.forgetting_dataset:
+        return None
+    return split_revision(args.forgetting_dataset)[0]
+
+
 def check_hub() -> str | None:
     """None when the Hub answers one request within the client's own metadata timeout, else why not."""
     try:
@@ -101,6 +114,9 @@ def resolve_sources(args: RunSettings) -> None:
     if args.data_dir is None:
         args.dataset = hub_id("dataset", args.dataset)
         sources.append(args.dataset)
+    forgetting = forgetting_hub_id(args)
+    if forgetting:
+        sources.append(forgetting)
     if all(is_local(s) for s in sources):
         return
     if not constants.HF_HUB_OFFLINE:

@@ -93,6 +93,9 @@ class CheckedTrainer(LeanTrainingMixin, Trainer):
         self.add_callback(StopWhenNothingIsLeft())
         self.checkpoints_kept = checkpoints_kept
         self.checkpoint_saved: Callable[[Path], None] = lambda path: None
+        # Blocks whose loss is measured at every validation, as `forgetting_loss` in the same log entry as eval_loss.
+        self.forgetting: torch.utils.data.Dataset | None = None
+        self._forgetting_logs: dict[str, float] = {}
 
     def train_from(self, checkpoint: Path | None) -> None:
         """Train, continuing from `checkpoint` when given."""
@@ -112,9 +115,23 @@ class CheckedTrainer(LeanTrainingMixin, Trainer):
             )
         return loss
 
-    def evaluate(self, *args, **kwargs):
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         with self.clock.timing("eval_time_s"):
-            return super().evaluate(*args, **kwargs)
+            if self.forgetting is not None and metric_key_prefix == "eval":  # a validation, not the test split
+                output = self.evaluation_loop(
+                    self.get_eval_dataloader(self.forgetting),
+                    description="Forgetting",
+                    prediction_loss_only=True,
+                    metric_key_prefix="forgetting",
+                )
+                self._forgetting_logs = {"forgetting_loss": output.metrics["forgetting_loss"]}
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "eval_loss" in logs:  # the validation's entry (and its metrics) carry the forgetting measured with it
+            logs.update(self._forgetting_logs)
+            self._forgetting_logs = {}
+        super().log(logs, *args, **kwargs)
 
     def _save_checkpoint(self, model, trial):
         checkpoint = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"

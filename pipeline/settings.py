@@ -57,6 +57,10 @@ class RunSettings:
     num_beams: int = setting("experiment", DATA)
     eval_batch_size: int = setting("bookkeeping", DATA)  # batched and one at a time give the same text
     tokens_per_word: float = setting("experiment", DATA)
+    # forgetting: loss on general English that is not WikiText
+    forgetting_dataset: str | None = setting("experiment", DATA)
+    forgetting_data_dir: str | None = setting("experiment", DATA)
+    forgetting_tokens: int = setting("experiment", DATA)
     # training
     epochs: float | None = setting("experiment", TRAINING)
     max_steps: int | None = setting("experiment", TRAINING)
@@ -124,7 +128,7 @@ class RunSettings:
 
 
 # Settings that may name local files or directories (a model or adapter may also be a Hub id).
-PATHS = ("model", "data_dir", "adapter", "cache_dir", "output_dir", "fsdp_config", "deepspeed")
+PATHS = ("model", "data_dir", "forgetting_data_dir", "adapter", "cache_dir", "output_dir", "fsdp_config", "deepspeed")
 
 
 def is_local(name: str) -> bool:

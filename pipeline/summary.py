@@ -31,6 +31,9 @@ TABLE_ROWS = (
     ("Best validation loss", "best_val_loss"),
     ("Validation perplexity", "val_perplexity"),
     ("Test perplexity", "test_perplexity"),
+    ("Forgetting loss", "forgetting_loss"),
+    ("Forgetting perplexity", "forgetting_perplexity"),
+    ("Forgetting loss change vs base", "forgetting_loss_change"),
     ("Training tokens/s", "train_tokens_per_s"),
     ("Generated tokens/s", "generation_tokens_per_s"),
     ("Other processes' CPU use (cores)", "machine_load.other_cpu_cores_mean"),
@@ -44,11 +47,20 @@ TABLE_ROWS = (
     ("METEOR", "metrics.meteor"),
 )
 
+# (what was not measured, the results.json key saying why): said below the table wherever a run has a reason.
+UNAVAILABLE = (
+    ("METEOR not computed", "metrics.meteor_unavailable_reason"),
+    ("Forgetting not measured", "forgetting_unavailable_reason"),
+)
+
 
 # Figures earlier versions did not record: a table none of whose runs has one leaves its row out, so that tables of
 # earlier runs stay as they were.
 NOT_ALWAYS_RECORDED = (
     "first_step_s",
+    "forgetting_loss",
+    "forgetting_perplexity",
+    "forgetting_loss_change",
     "generation_time_s",
     "generation_tokens_per_s",
     "machine_load.other_cpu_cores_mean",
@@ -115,9 +127,10 @@ def print_run_summary(results: dict[str, Any], file: TextIO = sys.stdout) -> Non
     print(tabulate(rows, tablefmt="simple"), file=file)
     if busy(results):
         print(BUSY_NOTE, file=file)
-    reason = lookup(results, "metrics.meteor_unavailable_reason")
-    if reason:
-        print(f"METEOR not computed: {reason}", file=file)
+    for what, key in UNAVAILABLE:
+        reason = lookup(results, key)
+        if reason:
+            print(f"{what}: {reason}", file=file)
 
 
 def method_name(mode: str, config: dict[str, Any]) -> str:

@@ -15,6 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, Trai
 
 from pipeline import hub
 from pipeline.data import PackedBlocks, load_text_splits, prepare_lm_splits, prompt_reference_pairs
+from pipeline.forgetting import Forgetting, forgetting_blocks
 from pipeline.generation import evaluate_generation
 from pipeline.measurement import MachineLoad, PeakMemoryTracker, best, max_over_processes, perplexity
 from pipeline.modeling import count_parameters
@@ -154,12 +155,13 @@ def build_trainer(
     )
 
 
-def final_validation_loss(trainer: Trainer, validation: PackedBlocks) -> float:
-    """Validation loss of the model as it is now; the Trainer's own end-of-training evaluation when it ran one."""
+def final_validation(trainer: Trainer, validation: PackedBlocks) -> dict[str, float]:
+    """The validation of the model as it is now (eval_loss, and forgetting_loss when measured); the Trainer's own
+    end-of-training evaluation when it ran one."""
     evals = [e for e in trainer.state.log_history if "eval_loss" in e]
     if trainer.state.global_step > 0 and evals and evals[-1]["step"] == trainer.state.global_step:
-        return evals[-1]["eval_loss"]
-    return trainer.evaluate(validation)["eval_loss"]
+        return evals[-1]
+    return trainer.evaluate(validation)
 
 
 def evaluation_trainer(args: RunSettings, model: PreTrainedModel, run_dir: Path) -> CheckedTrainer:
@@ -167,11 +169,14 @@ def evaluation_trainer(args: RunSettings, model: PreTrainedModel, run_dir: Path)
     return CheckedTrainer(model=model, args=training_arguments(args, run_dir), data_collator=default_data_collator)
 
 
-def load_packed_splits(args: RunSettings, tokenizer: PreTrainedTokenizerBase) -> tuple[dict, dict]:
-    """The text splits, and each packed into blocks (from the cache when it has them)."""
+def load_packed_splits(args: RunSettings, tokenizer: PreTrainedTokenizerBase) -> tuple[dict, dict, Forgetting]:
+    """The text splits, each packed into blocks (from the cache when it has them), and the forgetting blocks."""
     splits = load_text_splits(args.dataset, args.dataset_config, args.data_dir)
     data = prepare_lm_splits(splits, tokenizer, args.block_size, args.data_fraction, args.seed, args.cache_dir)
-    return splits, data
+    forgetting = forgetting_blocks(args, tokenizer)
+    if forgetting.unavailable_reason and process_state().is_main_process:
+        print(f"note: forgetting not measured: {forgetting.unavailable_reason}", file=sys.stderr)
+    return splits, data, forgetting
 
 
 def run_record(
@@ -181,6 +186,7 @@ def run_record(
     model: PreTrainedModel,
     trainer: Trainer,
     checkpoint_dtype: str,
+    forgetting: Forgetting,
 ) -> dict[str, Any]:
     """The fields of results.json every run has, before anything is measured."""
     trainable, total = count_parameters(model)
@@ -212,6 +218,8 @@ def run_record(
         "total_params": total,
         # `study --jobs N` runs up to N runs at once and says so here: their times are not a lone run's
         "concurrent_runs": int(os.environ.get(CONCURRENT_RUNS_VARIABLE, "1")),
+        "forgetting_unavailable_reason": forgetting.unavailable_reason,
+        "forgetting_eval_tokens": forgetting.blocks.blocks.size if forgetting.blocks else None,
     }
 
 
@@ -227,7 +235,8 @@ def evaluate_and_save_results(
     """Validation and test loss (every process), then on the main process alone: generation scores,
     results.json, the loss plot and the summary. `load` has sampled the machine since the run's work began."""
     run_dir = Path(results["run_dir"])
-    val_loss = final_validation_loss(trainer, data["validation"])
+    validation = final_validation(trainer, data["validation"])
+    val_loss, forgetting_loss = validation["eval_loss"], validation.get("forgetting_loss")
     test_loss = trainer.evaluate(data["test"], metric_key_prefix="test")["test_loss"]
     history = trainer.state.log_history
     results.update(
@@ -238,6 +247,8 @@ def evaluate_and_save_results(
         val_perplexity=perplexity(val_loss),
         test_loss=test_loss,
         test_perplexity=perplexity(test_loss),
+        forgetting_loss=forgetting_loss,
+        forgetting_perplexity=None if forgetting_loss is None else perplexity(forgetting_loss),
         metrics=None,
         generation_precision=None,
     )
@@ -321,12 +332,13 @@ def train_evaluate_save(
     state = process_state()
     args.run_name = run.path.name
     with state.main_process_first():  # one process prepares the data; the others read its cache
-        splits, data = load_packed_splits(args, tokenizer)
+        splits, data, forgetting = load_packed_splits(args, tokenizer)
     trainer = build_trainer(args, model, data, run.path)
+    trainer.forgetting = forgetting.blocks
     trainer.clock.start_from(run.figures)
     stop = StopOnSignal()
     trainer.add_callback(stop)
-    results = run_record(args, mode, run, model, trainer, checkpoint_dtype)
+    results = run_record(args, mode, run, model, trainer, checkpoint_dtype, forgetting)
     main = trainer.is_world_process_zero()
 
     with MachineLoad(main, run.figures.get("machine_load")) as load:

@@ -1,4 +1,4 @@
-"""The PNG figures of the report: loss, cost, quality and trade-off views of several runs."""
+"""The PNG figures of the report: loss, cost, quality, trade-off and learning-forgetting views of several runs."""
 
 from __future__ import annotations
 
@@ -222,4 +222,33 @@ def plot_learning_rates(arms: list[Arm], path: Path) -> None:
         bottom.axis("off")
         bottom.text(0.5, 0.5, "no full fine-tuning arm with a chosen rate to compare to", ha="center", fontsize=9)
     fig.tight_layout()
+    save_png(fig, path)
+
+
+def plot_learning_forgetting(runs: list[Run], labels: list[str], path: Path) -> None:
+    """Validation loss (learning) against forgetting loss, as Biderman et al. 2024 plot learning against forgetting:
+    the base model as a star, each trained run as a line through its validations from the base (where it started)
+    to its end, labelled there."""
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    color = colors(labels)
+    base = next((r for r in runs if r["mode"] == "base" and r.get("forgetting_loss") is not None), None)
+    origin = [(base["forgetting_loss"], base["val_loss"])] if base else []
+    for run, label in zip(runs, labels, strict=True):
+        if run.get("forgetting_loss") is None:
+            continue
+        if run["mode"] == "base":
+            ax.scatter(*origin[0], marker="*", s=220, color=color[label], zorder=4, label=f"{label} (untrained)")
+            continue
+        history = run.get("log_history") or []
+        path_points = origin + [(e["forgetting_loss"], e["eval_loss"]) for e in history if "forgetting_loss" in e]
+        ax.plot(*zip(*path_points, strict=True), "o-", color=color[label], markersize=4, label=label)
+        ax.annotate(label, path_points[-1], textcoords="offset points", xytext=(6, 6), fontsize=9)
+    ax.margins(0.12)  # room for the labels of the outermost points
+    ax.set(
+        xlabel="forgetting loss: general English, not WikiText (nats/token; right = more forgotten)",
+        ylabel="validation loss: WikiText (nats/token; down = more learned)",
+        title="Learning against forgetting, each run from the base model to its end",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     save_png(fig, path)

@@ -13,7 +13,17 @@ from tabulate import tabulate
 
 from pipeline.hub import canonical_id
 from pipeline.settings import EVALUATE, SETTING_KINDS, TRAINING, is_local, names_of_kind
-from pipeline.summary import BUSY_MARK, BUSY_NOTE, TIMED, busy, figure_text, lookup, method_name, table_rows
+from pipeline.summary import (
+    BUSY_MARK,
+    BUSY_NOTE,
+    TIMED,
+    UNAVAILABLE,
+    busy,
+    figure_text,
+    lookup,
+    method_name,
+    table_rows,
+)
 from study import statistics
 from utils import atomic_write_json, atomic_write_text
 
@@ -60,7 +70,7 @@ def canonical(key: str, value: Any) -> Any:
     """One spelling per setting: 2 and 2.0 alike, a path however it was typed, a Hub id however it was typed."""
     if isinstance(value, float) and value.is_integer():
         return int(value)
-    if key in ("model", "dataset", "data_dir", "adapter") and isinstance(value, str):
+    if key in ("model", "dataset", "data_dir", "adapter", "forgetting_data_dir") and isinstance(value, str):
         return str(Path(value).resolve()) if is_local(value) else canonical_id(value)
     return value
 
@@ -73,6 +83,10 @@ def settings(run: Run) -> dict[str, Any]:
         config = UNRECORDED_DEFAULTS | config
     unused = ("dataset", "dataset_config") if config.get("data_dir") else ()
     unused += ("epochs",) if config.get("max_steps") else ()
+    if config.get("forgetting_data_dir"):  # local files replace the Hub dataset, as --data_dir does
+        unused += ("forgetting_dataset",)
+    elif not config.get("forgetting_dataset"):  # off (or recorded before it existed): its budget means nothing
+        unused += ("forgetting_tokens",)
     environment = run.get("environment") or {}
     measured = {
         "method": method(run),
@@ -81,6 +95,7 @@ def settings(run: Run) -> dict[str, Any]:
         "world_size": run.get("world_size"),
         "global_batch_size": run.get("global_batch_size"),
         "gpus_per_process": run.get("gpus_per_process"),
+        "checkpoint_dtype": run.get("checkpoint_dtype"),
     } | {key: environment.get(key) for key in HARDWARE}
     return {
         k: canonical(k, v)
@@ -111,7 +126,17 @@ def comparable_sets(runs: list[Run]) -> list[list[Run]]:
     trained = [(key, members) for (key, run_length), members in groups.items() if run_length != "null"]
     sets = [bases.get(key, []) + members for key, members in trained]
     sets += [members for key, members in bases.items() if key not in {k for k, _ in trained}]
-    return sorted((columns(s) for s in sets), key=lambda s: max(finished_at(r) for r in s))
+    return sorted((with_forgetting_change(columns(s)) for s in sets), key=lambda s: max(finished_at(r) for r in s))
+
+
+def with_forgetting_change(runs: list[Run]) -> list[Run]:
+    """Each run with `forgetting_loss_change`: its forgetting loss minus the base column's (the model it started
+    from, measured on the same blocks), when both were measured."""
+    base = next((r for r in runs if r["mode"] == "base" and r.get("forgetting_loss") is not None), None)
+    for run in runs:
+        if base and run.get("forgetting_loss") is not None:
+            run["forgetting_loss_change"] = run["forgetting_loss"] - base["forgetting_loss"]
+    return runs
 
 
 def finished_at(run: Run) -> str:
@@ -214,7 +239,8 @@ def comparison_record(runs: list[Run]) -> dict[str, Any]:
 
 def write_report(output_dir: Path, sets: list[list[Run]], preface: list[str]) -> None:
     """report.md with its PNG figures beside it: `preface`, then for each set the table, loss, cost, quality and
-    trade-off figures, three example continuations, and the settings the runs share and those that differ."""
+    trade-off figures (and learning against forgetting when a run measured forgetting), three example
+    continuations, and the settings the runs share and those that differ."""
     from study import figures
 
     title = f"# Report: {output_dir.name}"
@@ -241,10 +267,15 @@ def write_report(output_dir: Path, sets: list[list[Run]], preface: list[str]) ->
         if len(sets) > 1:
             sections += ["", f"## Set {i} of {len(sets)}"]
         sections += ["", f"{h} Comparison", "", tabulate(rows, headers=headers, tablefmt="github"), *busy_note(runs)]
-        reasons = {lookup(r, "metrics.meteor_unavailable_reason") for r in runs} - {None}
-        sections += [f"\nMETEOR not computed: {reason}." for reason in sorted(reasons)]
+        for what, key in UNAVAILABLE:
+            reasons = {lookup(r, key) for r in runs} - {None}
+            sections += [f"\n{what}: {reason}." for reason in sorted(reasons)]
         sections += ["", measured_on(runs, labels)]
-        for name, stem in FIGURES:
+        drawn = FIGURES
+        if any(r.get("forgetting_loss") is not None for r in runs):
+            figures.plot_learning_forgetting(runs, names, output_dir / f"{prefix}learning_forgetting.png")
+            drawn += (("Learning and forgetting", "learning_forgetting"),)
+        for name, stem in drawn:
             sections += ["", f"{h} {name}", "", f"![{name}]({prefix}{stem}.png)"]
         sections += ["", f"{h} Example continuations", "", example_continuations(runs, labels)]
         sections += ["", f"{h} Settings", "", "Shared by every run that has the setting (unset ones left out):", ""]
