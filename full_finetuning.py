@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from analysis.weight_update import after_training
 from pipeline.modeling import load_causal_lm, load_tokenizer
 from pipeline.settings import RunSettings
 from pipeline.training import finetune
@@ -12,4 +13,4 @@ from pipeline.training import finetune
 def run(args: RunSettings) -> dict[str, Any]:
     tokenizer = load_tokenizer(args.model)
     model, checkpoint_dtype = load_causal_lm(args.model, from_scratch=args.from_scratch)
-    return finetune(args, "full", model, tokenizer, checkpoint_dtype)
+    return after_training(finetune(args, "full", model, tokenizer, checkpoint_dtype))

@@ -7,6 +7,7 @@ from typing import Any
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
+from analysis.weight_update import after_training
 from pipeline.modeling import load_causal_lm, load_tokenizer
 from pipeline.settings import RunSettings
 from pipeline.training import finetune
@@ -29,4 +30,4 @@ def add_lora_adapters(model: PreTrainedModel, args: RunSettings) -> PeftModel:
 def run(args: RunSettings) -> dict[str, Any]:
     tokenizer = load_tokenizer(args.model)
     model, checkpoint_dtype = load_causal_lm(args.model, from_scratch=args.from_scratch)
-    return finetune(args, "lora", add_lora_adapters(model, args), tokenizer, checkpoint_dtype)
+    return after_training(finetune(args, "lora", add_lora_adapters(model, args), tokenizer, checkpoint_dtype))

@@ -160,6 +160,12 @@ def data_flags(forgetting: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--data_dir", help="local train/validation/test .txt (a row per line) or .parquet (a text column)")
     g.add_argument("--data_fraction", type=fraction, default=1.0, help="seeded share of each split (default: 1)")
     g.add_argument("--block_size", type=positive_int, default=512, help="tokens per training block (default: 512)")
+    g.add_argument(
+        "--eval_stride",
+        type=positive_int,
+        help="validation/test perplexity over --block_size windows S tokens apart, each token scored once "
+        "(default: --block_size, non-overlapping blocks)",
+    )
     g.add_argument("--batch_size", type=positive_int, default=4, help="blocks per device per step (default: 4)")
     g.add_argument("--seed", type=int, default=2024, help="(default: 2024)")
     g.add_argument(
@@ -275,7 +281,9 @@ def lora_flags(per_arm: bool = False) -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{full,lora,evaluate,compare,study,score}")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="{full,lora,evaluate,compare,study,score,analyze}"
+    )
     full, lora = (training_flags(*METHOD_DEFAULTS[m]) for m in ("full", "lora"))
     commands.add_parser("full", help="fine-tune every weight", parents=[data_flags(), full])
     commands.add_parser("lora", help="fine-tune LoRA adapters", parents=[data_flags(), lora, lora_flags()])
@@ -307,11 +315,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--only", type=non_negative_int, metavar="INDEX", help="run only the run of this --list index")
     score = commands.add_parser("score", help="score a CSV with reference and hypothesis columns")
     score.add_argument("csv", help="e.g. results/<run>/generations.csv")
+    analyze = commands.add_parser("analyze", help="the shape of a saved run's weight update, into its results.json")
+    analyze.add_argument("run_dir", help="a full or lora run's directory, e.g. results/<run>")
     return parser
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
+    if getattr(args, "eval_stride", None) and args.eval_stride > args.block_size:
+        parser.error(f"--eval_stride {args.eval_stride} would skip tokens: at most --block_size ({args.block_size})")
     if args.command == "study":
         per_arm = [f"--{k}" for k in ("run_name", "resume") if getattr(args, k) is not None]
         if per_arm:
@@ -359,6 +371,10 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.scoring import score_csv
 
             score_csv(args.csv)
+        elif args.command == "analyze":
+            from analysis.weight_update import analyze_saved_run
+
+            analyze_saved_run(args.run_dir)
         else:
             settings = RunSettings.from_flags(args)
             import transformers

@@ -87,20 +87,40 @@ def pack_into_blocks(ids: np.ndarray, block_size: int) -> np.ndarray:
 
 
 class PackedBlocks(torch.utils.data.Dataset):
-    """Fixed-length blocks for causal LM training: labels are the inputs, so no position is padding."""
+    """Windows of `block_size` tokens over the packed token stream for causal LM training and evaluation: labels
+    are the inputs, so no position is padding.
 
-    def __init__(self, blocks: np.ndarray):
+    With `stride` S below the block size (evaluation only), the windows start S tokens apart and each scores only
+    the tokens no earlier window scored, with the context its window gives them (the last window ends at the
+    stream's end); every token but the first is scored once. Without it the windows are the blocks themselves.
+    """
+
+    def __init__(self, blocks: np.ndarray, stride: int | None = None):
         self.blocks = blocks
+        self.block_size = blocks.shape[1]
+        self.stride = stride or self.block_size
+        if not 0 < self.stride <= self.block_size:
+            raise ValueError(f"stride must be in [1, {self.block_size}], got {stride}")
+        self.stream = blocks.reshape(-1)  # a view: the blocks are contiguous, in stream order
+        self.ends = [*range(self.block_size, len(self.stream) + 1, self.stride)]
+        if self.ends and self.ends[-1] != len(self.stream):
+            self.ends.append(len(self.stream))
+        # Tokens each window scores: all but its first in the first window, then the ones past the previous end.
+        self.scored = [self.block_size - 1] + [
+            min(e - p, self.block_size - 1) for p, e in zip(self.ends, self.ends[1:], strict=False)
+        ]
+        self.mean_scored_tokens = sum(self.scored) / max(1, len(self.ends))
 
     def __len__(self) -> int:
-        return len(self.blocks)
+        return len(self.ends)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        ids = torch.from_numpy(np.asarray(self.blocks[i], dtype=np.int64))
+        end = self.ends[i]
+        ids = torch.from_numpy(np.asarray(self.stream[end - self.block_size : end], dtype=np.int64))
         labels = ids.clone()
         # Position 0 is never a target (the model shifts labels). Marking it keeps the Trainer's token count,
         # which divides the summed loss, equal to the number of predicted tokens (transformers 5 counts it).
-        labels[0] = -100
+        labels[: max(1, self.block_size - self.scored[i])] = -100
         return {"input_ids": ids, "labels": labels}
 
 
@@ -148,8 +168,10 @@ def prepare_lm_splits(
     data_fraction: float,
     seed: int,
     cache_dir: Path,
+    eval_stride: int | None = None,
 ) -> dict[str, PackedBlocks]:
-    """Each split as packed blocks; a split too small for one block is an error the user can fix."""
+    """Each split as packed blocks, the validation and test windows `eval_stride` apart; a split too small for one
+    block is an error the user can fix."""
     tokenizer_key = tokenizer_fingerprint(tokenizer)
     packed = {}
     for name, split in splits.items():
@@ -160,7 +182,7 @@ def prepare_lm_splits(
                 f"the {name} split holds no full block of {block_size} tokens at --data_fraction {data_fraction};"
                 " raise --data_fraction or lower --block_size"
             )
-        packed[name] = PackedBlocks(blocks)
+        packed[name] = PackedBlocks(blocks, stride=None if name == "train" else eval_stride)
     return packed
 
 

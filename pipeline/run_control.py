@@ -133,6 +133,26 @@ class CheckedTrainer(LeanTrainingMixin, Trainer):
             self._forgetting_logs = {}
         super().log(logs, *args, **kwargs)
 
+    # The Trainer's evaluation loss is the mean over windows of each batch's per-token mean: exact only when every
+    # window scores as many tokens. Overlapping windows (--eval_stride) do not (the first scores a whole block, the
+    # last what is left), so each batch's mean is weighted by its share of the scored tokens: the per-token mean over
+    # the split, exactly. Blocks all score the same count, and the weight is then exactly 1.
+    _tokens_per_window: float | None = None
+
+    def evaluation_loop(self, dataloader, *args, **kwargs):
+        self._tokens_per_window = getattr(dataloader.dataset, "mean_scored_tokens", None)
+        try:
+            return super().evaluation_loop(dataloader, *args, **kwargs)
+        finally:
+            self._tokens_per_window = None
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        if loss is not None and self._tokens_per_window:
+            scored = (inputs["labels"][:, 1:] != -100).sum().item()
+            loss = loss * (scored / (len(inputs["labels"]) * self._tokens_per_window))
+        return loss, logits, labels
+
     def _save_checkpoint(self, model, trial):
         checkpoint = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
         main = self.is_world_process_zero()

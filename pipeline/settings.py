@@ -46,6 +46,7 @@ class RunSettings:
     data_dir: str | None = setting("experiment", DATA)
     data_fraction: float = setting("experiment", DATA)
     block_size: int = setting("experiment", DATA)
+    eval_stride: int | None = setting("experiment", DATA)  # None: the blocks (study/report.py compares it so)
     batch_size: int = setting("swept", DATA)  # the global batch, which defines the training, is compared below
     seed: int = setting("replicate", DATA)
     precision: str = setting("experiment", DATA)  # compared as resolved (auto -> what ran), see `comparable`

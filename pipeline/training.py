@@ -172,7 +172,9 @@ def evaluation_trainer(args: RunSettings, model: PreTrainedModel, run_dir: Path)
 def load_packed_splits(args: RunSettings, tokenizer: PreTrainedTokenizerBase) -> tuple[dict, dict, Forgetting]:
     """The text splits, each packed into blocks (from the cache when it has them), and the forgetting blocks."""
     splits = load_text_splits(args.dataset, args.dataset_config, args.data_dir)
-    data = prepare_lm_splits(splits, tokenizer, args.block_size, args.data_fraction, args.seed, args.cache_dir)
+    data = prepare_lm_splits(
+        splits, tokenizer, args.block_size, args.data_fraction, args.seed, args.cache_dir, args.eval_stride
+    )
     forgetting = forgetting_blocks(args, tokenizer)
     if forgetting.unavailable_reason and process_state().is_main_process:
         print(f"note: forgetting not measured: {forgetting.unavailable_reason}", file=sys.stderr)

@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import ScalarFormatter  # noqa: E402
 
 from pipeline.summary import BUSY_MARK, BUSY_NOTE, TIMED, busy, save_png  # noqa: E402
 from study.statistics import Arm, rate_multiples  # noqa: E402
@@ -252,3 +253,49 @@ def plot_learning_forgetting(runs: list[Run], labels: list[str], path: Path) -> 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     save_png(fig, path)
+
+
+def cumulative_energy(singular_values: list[float]) -> list[float]:
+    """The share of the update's energy in its leading 1, 2, ... singular directions."""
+    total = sum(s * s for s in singular_values) or 1.0
+    shares, running = [], 0.0
+    for s in singular_values:
+        running += s * s
+        shares.append(running / total)
+    return shares
+
+
+def plot_update_spectrum(runs: list[Run], labels: list[str], ranks: list[int], path: Path) -> bool:
+    """Cumulative energy of full fine-tuning's weight update against rank, a line per module type (the mean over its
+    matrices), the LoRA ranks beside it as vertical lines; False (nothing drawn) without an analysed full run."""
+    full = [(run, label) for run, label in zip(runs, labels, strict=True) if run["mode"] == "full"]
+    full = [(run["update_shape"], label) for run, label in full if run.get("update_shape")]
+    if not full:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 5))
+    styles = ["-", "--", ":", "-."]
+    palette = plt.get_cmap("tab10").colors
+    for i, (shape, label) in enumerate(full):
+        kinds: dict[str, list[list[float]]] = {}
+        for matrix in shape["matrices"].values():
+            kinds.setdefault(matrix["type"], []).append(cumulative_energy(matrix["singular_values"]))
+        for j, (kind, curves) in enumerate(kinds.items()):
+            mean = [sum(c[r] for c in curves) / len(curves) for r in range(min(map(len, curves)))]
+            name = f"{kind} ({len(curves)} matrices)" + (f", {label}" if len(full) > 1 else "")
+            ax.plot(range(1, len(mean) + 1), mean, styles[i % len(styles)], color=palette[j % len(palette)], label=name)
+    for rank in ranks:
+        ax.axvline(rank, color="grey", linewidth=0.8)
+        ax.text(rank, 0.02, f" LoRA r={rank}", rotation=90, fontsize=8, color="grey", va="bottom")
+    ax.axhline(full[0][0]["energy_share"], color="black", linewidth=0.6, linestyle=":")
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(ScalarFormatter())  # 1, 2, 4, ... rather than powers of 2
+    ax.set_ylim(0, 1.02)
+    ax.set(
+        xlabel="rank r",
+        ylabel="share of the update's energy in its top r directions",
+        title="Full fine-tuning's weight update: energy against rank",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_png(fig, path)
+    return True

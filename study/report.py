@@ -7,6 +7,7 @@ import io
 import json
 import sys
 from pathlib import Path
+from statistics import mean, median
 from typing import Any
 
 from tabulate import tabulate
@@ -77,10 +78,12 @@ def canonical(key: str, value: Any) -> Any:
 
 def settings(run: Run) -> dict[str, Any]:
     """What the run is: every setting but bookkeeping (and the Hub dataset when --data_dir replaced it, the epochs
-    when --max_steps did), its method, the precision it ran at, on how many processes and GPUs, and on what."""
+    when --max_steps did; the evaluation stride as the tokens it is), its method, the precision it ran at, on how
+    many processes and GPUs, and on what."""
     config = run.get("config", {})
     if run["mode"] in ("full", "lora"):
         config = UNRECORDED_DEFAULTS | config
+    config = config | {"eval_stride": config.get("eval_stride") or config.get("block_size")}  # unset: the blocks
     unused = ("dataset", "dataset_config") if config.get("data_dir") else ()
     unused += ("epochs",) if config.get("max_steps") else ()
     if config.get("forgetting_data_dir"):  # local files replace the Hub dataset, as --data_dir does
@@ -233,7 +236,10 @@ def write_comparison(output_dir: Path, sets: list[list[Run]], preface: list[str]
 
 def comparison_record(runs: list[Run]) -> dict[str, Any]:
     shared, differ = differences(runs)
-    figures = [{k: v for k, v in r.items() if k != "log_history"} | {"label": label(r)} for r in runs]
+    # Each run's own results.json keeps the long lists: the log, and the per-matrix spectra (~1 MB for GPT-2 small)
+    figures = [
+        {k: v for k, v in r.items() if k not in ("log_history", "update_shape")} | {"label": label(r)} for r in runs
+    ]
     return {"runs": figures, "shared_settings": shared, "differing_settings": differ}
 
 
@@ -277,6 +283,11 @@ def write_report(output_dir: Path, sets: list[list[Run]], preface: list[str]) ->
             drawn += (("Learning and forgetting", "learning_forgetting"),)
         for name, stem in drawn:
             sections += ["", f"{h} {name}", "", f"![{name}]({prefix}{stem}.png)"]
+        spectrum = f"{prefix}update_spectrum.png"
+        if not figures.plot_update_spectrum(runs, names, lora_ranks(runs), output_dir / spectrum):
+            spectrum = None
+        update_shape = update_shape_section(runs, names, spectrum)
+        sections += ["", f"{h} Shape of the weight update", "", *update_shape] if update_shape else []
         sections += ["", f"{h} Example continuations", "", example_continuations(runs, labels)]
         sections += ["", f"{h} Settings", "", "Shared by every run that has the setting (unset ones left out):", ""]
         rows = [(k, setting_text(v)) for k, v in shared.items() if v is not None]
@@ -285,6 +296,69 @@ def write_report(output_dir: Path, sets: list[list[Run]], preface: list[str]) ->
             rows = [[k] + [setting_text(values.get(who)) for who in labels] for k, values in differ.items()]
             sections += ["", "Different between the columns:", "", tabulate(rows, ["setting", *labels], "github")]
     atomic_write_text(output_dir / "report.md", "\n".join(sections) + "\n")
+
+
+def energy_kept(singular_values: list[float], rank: int) -> float | None:
+    """The share of an update's energy that its best rank-`rank` approximation keeps (Eckart-Young)."""
+    energies = [s * s for s in singular_values]
+    return sum(energies[:rank]) / sum(energies) if sum(energies) else None
+
+
+def lora_ranks(runs: list[Run]) -> list[int]:
+    """The LoRA ranks of the set's LoRA-family runs."""
+    return sorted({r["config"]["lora_rank"] for r in runs if r["mode"] == "lora" and r["config"].get("lora_rank")})
+
+
+def by_module_type(shape: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    kinds: dict[str, list[dict[str, Any]]] = {}
+    for matrix in shape["matrices"].values():
+        kinds.setdefault(matrix["type"], []).append(matrix)
+    return kinds
+
+
+def update_shape_text(shape: dict[str, Any], who: str | None = None, ranks: list[int] = ()) -> str:
+    """Per module type: matrices, median 90%-energy rank (and of the largest rank possible), intruder dimensions per
+    matrix (mean, and the most in one matrix); with `ranks`, the median share of energy the best rank-r
+    approximation keeps at each."""
+    share = f"{shape['energy_share']:.0%}"
+    headers = [*(["run"] if who else []), "module", "matrices", f"median {share}-energy rank (of max)"]
+    headers += [f"median energy at rank {r}" for r in ranks]
+    headers += [f"intruder dims per matrix (top {shape['intruder_top_k']}, mean / max)"]
+    rows = []
+    for kind, matrices in by_module_type(shape).items():
+        ranks_90 = median(m["energy_rank_90"] for m in matrices)
+        kept = [median(energy_kept(m["singular_values"], r) or 0 for m in matrices) for r in ranks]
+        intruders = [m["intruder_dimensions"] for m in matrices]
+        row = [*([who] if who else []), kind, len(matrices), f"{ranks_90:g} (of {min(matrices[0]['shape'])})"]
+        row += [f"{k:.1%}" for k in kept]
+        row += [f"{mean(intruders):.2f} / {max(intruders)}"]
+        rows.append(row)
+    return tabulate(rows, headers=headers, tablefmt="github")
+
+
+def update_shape_section(runs: list[Run], names: list[str], figure: str | None) -> list[str]:
+    """The report's update-shape table (each analysed run by module type) and figure, when any run has them."""
+    analysed = [(run, name) for run, name in zip(runs, names, strict=True) if run.get("update_shape")]
+    if not analysed:
+        return []
+    ranks = lora_ranks(runs)
+    tables = [
+        update_shape_text(run["update_shape"], f"{method(run)} ({name})", ranks if run["mode"] == "full" else [])
+        for run, name in analysed
+    ]
+    shape = analysed[0][0]["update_shape"]
+    lines = [
+        f"Each run's weight update against the weights it started from, per weight matrix (`python main.py analyze`,"
+        f" definitions in the README): the rank holding {shape['energy_share']:.0%} of the update's energy, for full"
+        f" fine-tuning the energy kept at the set's LoRA ranks, and intruder dimensions among the top"
+        f" {shape['intruder_top_k']} singular vectors (|cosine| below {shape['intruder_threshold']} with every"
+        " pre-trained one).",
+    ]
+    for table in tables:
+        lines += ["", table]
+    if figure:
+        lines += ["", f"![Update spectrum]({figure})"]
+    return lines
 
 
 def measured_on(runs: list[Run], labels: list[str]) -> str:

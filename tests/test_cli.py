@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ["full", "--block_size", "0"],
         ["lora", "--lora_dropout", "1"],
         ["evaluate", "--num_beams", "0"],
+        ["evaluate", "--block_size", "32", "--eval_stride", "33"],
         ["qlora"],
         ["study", "--arms", "base,qlora"],
         ["study", "--lora_ranks", "4,0"],

@@ -58,7 +58,7 @@ def test_a_study_runs_every_arm_as_an_ordinary_run_with_each_methods_defaults(st
 def test_the_report_names_valid_png_figures_beside_it(study):
     report = (study["dir"] / "report.md").read_text()
     figures = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", report)
-    assert len(figures) == 5
+    assert len(figures) == 6 and "update_spectrum.png" in figures  # the full arm's update, LoRA's ranks beside it
     for name in figures:
         with Image.open(study["dir"] / name) as image:
             image.verify()
