@@ -72,6 +72,22 @@ def positive_ints(text: str) -> list[int]:
     return [positive_int(n) for n in text.split(",")]
 
 
+def distinct(values: list) -> list:
+    if len(set(values)) < len(values):
+        raise argparse.ArgumentTypeError(f"each value once, got {','.join(map(str, values))}")
+    return values
+
+
+def seed_list(text: str) -> list[int]:
+    return distinct([int(n) for n in text.split(",")])
+
+
+def method_rates(text: str) -> tuple[str | None, list[float]]:
+    """`full=1e-5,3e-5` (one method's rates) or `1e-4,3e-4` (every trained arm's without a list of its own)."""
+    method, _, rates = text.rpartition("=")
+    return method or None, distinct([positive_float(r) for r in rates.split(",")])
+
+
 ARMS = ("base", "full", "lora", "dora", "rslora")
 
 
@@ -290,6 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--arms", type=arm_names, default=["base", "full", "lora"], help="(default: base,full,lora)")
     g.add_argument("--lora_ranks", type=positive_ints, default=[4], help="ranks of the LoRA-type arms (default: 4)")
     g.add_argument("--study_name", help="directory under --output_dir (default: study-<timestamp>)")
+    g.add_argument("--learning_rates", nargs="+", type=method_rates, metavar="[METHOD=]R1,R2", help="rates to sweep")
+    g.add_argument("--lr_sweep", type=positive_int, metavar="N", help="N rates half a decade apart per method")
+    g.add_argument("--seeds", type=seed_list, help="seeds to repeat every arm and rate with (default: --seed)")
+    g.add_argument("--jobs", type=positive_int, default=1, help="runs at once (default: 1)")
+    g.add_argument("--gpus_per_run", type=positive_int, default=1, help="GPUs per run, under torchrun (default: 1)")
+    g.add_argument("--list", action="store_true", help="print every run: index, name, command; run nothing")
+    g.add_argument("--only", type=non_negative_int, metavar="INDEX", help="run only the run of this --list index")
     score = commands.add_parser("score", help="score a CSV with reference and hypothesis columns")
     score.add_argument("csv", help="e.g. results/<run>/generations.csv")
     analyze = commands.add_parser("analyze", help="the shape of a saved run's weight update, into its results.json")
@@ -305,7 +328,21 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
         per_arm = [f"--{k}" for k in ("run_name", "resume") if getattr(args, k) is not None]
         if per_arm:
             parser.error(f"study sets {' and '.join(per_arm)} for each arm itself; rerun the same command to continue")
+        study_rate_errors(parser, args)
     return args
+
+
+def study_rate_errors(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """One learning-rate source, and rates only for methods the study trains."""
+    given = [f for f in ("learning_rate", "learning_rates", "lr_sweep") if getattr(args, f) is not None]
+    if len(given) > 1:
+        parser.error(f"give one of --{' and --'.join(given)}")
+    methods = [method for method, _ in args.learning_rates or []]
+    for method in methods:
+        if method is not None and method not in args.arms or method == "base":
+            parser.error(f"--learning_rates {method}=: {method} is not a trained arm of --arms {','.join(args.arms)}")
+    if len(set(methods)) < len(methods):
+        parser.error("--learning_rates: one list per method (and one plain list)")
 
 
 def leave_process_group() -> None:

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 MIB = 2**20
+# Set by `study --jobs N` for each run it starts: how many runs it runs at once (results.json concurrent_runs).
+CONCURRENT_RUNS_VARIABLE = "WIKITEXT_STUDY_CONCURRENT_RUNS"
 
 
 class ToolError(Exception):
@@ -115,6 +117,7 @@ def environment_info() -> dict[str, Any]:
         "peft": peft.__version__,
         "cpu_threads": torch.get_num_threads(),
         "device": "cpu",
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
     }
     if torch.cuda.is_available():
         info["device"] = "cuda"

@@ -290,7 +290,7 @@ def generation_speed(args: argparse.Namespace, rows: list[str], tokenizer, peak:
     seconds, roofline, outputs = {}, {}, {}
     for name, batch_size in (("batched", defaults.eval_batch_size), ("sequential", 1)):
         start = time.perf_counter()
-        outputs[name] = generate_continuations(
+        outputs[name], _ = generate_continuations(
             model, tokenizer, prompts, budgets, num_beams=defaults.num_beams, batch_size=batch_size
         )
         seconds[name] = time.perf_counter() - start

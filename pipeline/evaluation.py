@@ -7,6 +7,7 @@ from typing import Any
 
 from peft import PeftModel
 
+from pipeline.measurement import MachineLoad
 from pipeline.modeling import load_causal_lm, load_tokenizer
 from pipeline.run_directory import write_results
 from pipeline.settings import RunSettings
@@ -31,7 +32,8 @@ def run(args: RunSettings) -> dict[str, Any]:
         results = run_record(args, mode, run, model, trainer, checkpoint_dtype, forgetting)
         if trainer.is_world_process_zero():
             write_results(run.path, results)
-        return evaluate_and_save_results(args, results, trainer, tokenizer, splits, data)
+        with MachineLoad(trainer.is_world_process_zero()) as load:
+            return evaluate_and_save_results(args, results, trainer, tokenizer, splits, data, load)
 
 
 def is_saved_run_model(model: str) -> bool:

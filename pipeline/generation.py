@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 import io
 import math
+import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from pipeline.measurement import synchronize
 from pipeline.scoring import corpus_scores
 from utils import atomic_write_text
 
@@ -63,12 +65,14 @@ def generate_continuations(
     budgets: list[int],
     num_beams: int,
     batch_size: int,
-) -> list[str]:
-    """Beam-search continuation of each prompt (new tokens only, decoded), batched by budget and length."""
+) -> tuple[list[str], int]:
+    """Beam-search continuation of each prompt (new tokens only, decoded), batched by budget and length; and how
+    many new tokens they hold (a finished beam's padding after its end-of-text token not counted)."""
     model.eval()
     tokenizer.padding_side = "left"
     tokenizer.truncation_side = "left"  # keep the prompt's end when it would overflow the context
     hypotheses = [""] * len(prompts)
+    new_tokens = 0
     batches = prompt_batches(tokenizer, model.config, prompts, budgets, batch_size)
     for budget, batch, prompt_tokens in tqdm(batches, desc="generating", unit="batch"):
         inputs = tokenizer(
@@ -82,10 +86,12 @@ def generate_continuations(
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
         )
-        texts = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        continuation = output[:, inputs["input_ids"].shape[1] :]
+        new_tokens += int((continuation != tokenizer.pad_token_id).sum())
+        texts = tokenizer.batch_decode(continuation, skip_special_tokens=True)
         for i, text in zip(batch, texts, strict=True):
             hypotheses[i] = text.strip()
-    return hypotheses
+    return hypotheses, new_tokens
 
 
 def write_generations_csv(path: Path, prompts: list[str], references: list[str], hypotheses: list[str]) -> None:
@@ -104,10 +110,20 @@ def evaluate_generation(
     batch_size: int,
     tokens_per_word: float,
     csv_path: Path,
-) -> dict:
-    """Continue each prompt, write prompt/reference/hypothesis to `csv_path`, and score the corpus."""
+) -> tuple[dict, dict]:
+    """Continue each prompt, write prompt/reference/hypothesis to `csv_path`, and score the corpus: the scores,
+    and the generation's own figures (its time, the new tokens and their rate)."""
     prompts, references = [p for p, _ in pairs], [r for _, r in pairs]
     budgets = [token_budget(r, tokens_per_word) for r in references]
-    hypotheses = generate_continuations(model, tokenizer, prompts, budgets, num_beams, batch_size)
+    synchronize(model.device)
+    start = time.perf_counter()
+    hypotheses, new_tokens = generate_continuations(model, tokenizer, prompts, budgets, num_beams, batch_size)
+    synchronize(model.device)
+    seconds = time.perf_counter() - start
     write_generations_csv(csv_path, prompts, references, hypotheses)
-    return corpus_scores(hypotheses, references)
+    figures = {
+        "generation_time_s": seconds,
+        "generated_tokens": new_tokens,
+        "generation_tokens_per_s": new_tokens / seconds if seconds else None,
+    }
+    return corpus_scores(hypotheses, references), figures

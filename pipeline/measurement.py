@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import math
+import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -64,6 +66,148 @@ class PeakMemoryTracker:
         if self._sampler:
             self._stop.set()
             self._sampler.join()
+
+
+SAMPLE_INTERVAL_S = 0.5
+BUSY_SPARE_CORES = 0.5  # other processes' mean CPU use may fill the cores the run leaves free, plus this much
+
+
+def cpus_usable() -> list[int]:
+    """The CPUs this process may run on (its affinity where the platform has one)."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(psutil.cpu_count()))
+
+
+def busy_cpu_seconds(cpus: list[int]) -> float:
+    """CPU seconds the machine has spent working (not idle or waiting for I/O) on `cpus`, since boot."""
+    total = 0.0
+    per_cpu = psutil.cpu_times(percpu=True)
+    for cpu in cpus:
+        t = per_cpu[cpu]._asdict()
+        # Linux counts guest time inside user time as well: leave it out once, as psutil's cpu_percent does.
+        total += sum(t.values()) - sum(t.get(k, 0.0) for k in ("idle", "iowait", "guest", "guest_nice"))
+    return total
+
+
+class MachineLoad:
+    """What else loaded the machine while the run worked, sampled every half second in a background thread on the
+    main process: the CPU use of every other process on the CPUs this run may use (the machine's busy CPU time
+    there less the CPU time of the run's own processes on this host), and, where NVML (nvidia-ml-py) is installed,
+    the other processes holding the run's GPUs and their utilisation. Every process of the run takes part in
+    starting it (each names its process id); only the main one samples.
+    """
+
+    def __init__(self, main: bool, previous: dict | None = None) -> None:
+        """`previous`: the load a resumed run recorded before, which the summary continues."""
+        here = socket.gethostname()
+        self.pids = [pid for host, pid in gather_object([(here, os.getpid())]) if host == here]
+        self.main, self.previous = main, previous
+        self.cpus = cpus_usable()
+        # Busy: other processes used more than the cores the run's threads left free, plus half a core.
+        self.threshold = max(0.0, len(self.cpus) - torch.get_num_threads() * len(self.pids)) + BUSY_SPARE_CORES
+        self.other_cores: list[float] = []
+        self.gpu_others: list[int] = []
+        self.gpu_utilization: list[float] = []
+
+    def __enter__(self) -> MachineLoad:
+        if self.main:
+            self._gpus = nvml_handles()
+            self._last = self._read()
+            self._stop = threading.Event()
+            self._sampler = threading.Thread(target=self._sample_until_stopped, daemon=True)
+            self._sampler.start()
+        return self
+
+    def _read(self) -> tuple[float, float, float]:
+        """(now, the machine's busy CPU seconds, the run's own CPU seconds)."""
+        own = 0.0
+        for pid in self.pids:
+            try:
+                times = psutil.Process(pid).cpu_times()
+                own += times.user + times.system
+            except psutil.Error:  # a process of the run that has exited: it loads nothing now
+                continue
+        return time.monotonic(), busy_cpu_seconds(self.cpus), own
+
+    def _sample(self) -> None:
+        now, busy, own = self._read()
+        then, busy_then, own_then = self._last
+        if now > then:
+            self.other_cores.append(max(0.0, ((busy - busy_then) - (own - own_then)) / (now - then)))
+            self._last = now, busy, own
+        for others, utilization in gpu_samples(self._gpus):
+            self.gpu_others.append(others)
+            self.gpu_utilization.append(utilization)
+
+    def _sample_until_stopped(self) -> None:
+        while not self._stop.wait(SAMPLE_INTERVAL_S):
+            self._sample()
+
+    def summary(self) -> dict | None:
+        """The load so far, over every session of the run (None on the other processes)."""
+        if not self.main:
+            return None
+        self._sample()  # the last part of an interval, and at least one sample however short the run
+        cores, others, utilization = self.other_cores, self.gpu_others, self.gpu_utilization
+        count = len(cores)
+        mean = sum(cores) / count
+        peak = max(cores)
+        gpu_seen, previous = bool(self._gpus), self.previous
+        if previous and previous.get("samples"):  # the sessions before a resume count too
+            before = previous["samples"]
+            mean = (mean * count + previous["other_cpu_cores_mean"] * before) / (count + before)
+            peak = max(peak, previous["other_cpu_cores_max"])
+            count += before
+        gpu_others = max(others) if others else None
+        if previous and previous.get("other_gpu_processes_max") is not None:
+            gpu_others = max(gpu_others or 0, previous["other_gpu_processes_max"])
+        return {
+            "other_cpu_cores_mean": mean,
+            "other_cpu_cores_max": peak,
+            "cpus": len(self.cpus),
+            "busy_threshold_cores": self.threshold,
+            "samples": count,
+            "other_gpu_processes_max": gpu_others,
+            "gpu_utilization_mean": sum(utilization) / len(utilization) if gpu_seen and utilization else None,
+            "busy": mean > self.threshold or bool(gpu_others),
+        }
+
+    def __exit__(self, *exc: object) -> None:
+        if self.main:
+            self._stop.set()
+            self._sampler.join()
+
+
+def nvml_handles() -> list:
+    """NVML handles of the GPUs this process uses; empty without CUDA or without nvidia-ml-py."""
+    if not torch.cuda.is_available():
+        return []
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return [
+            pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{torch.cuda.get_device_properties(d).uuid}")
+            for d in range(torch.cuda.device_count())
+        ]
+    except Exception:  # no NVML library, or a device it cannot name: the GPU side stays unknown (null)
+        return []
+
+
+def gpu_samples(handles: list) -> list[tuple[int, float]]:
+    """Per GPU: processes holding it besides the run's one, and its utilisation in percent."""
+    if not handles:
+        return []
+    import pynvml
+
+    samples = []
+    for handle in handles:
+        try:
+            # PIDs seen from a container need not be ours: count the run as one process per GPU it uses.
+            holders = len(pynvml.nvmlDeviceGetComputeRunningProcesses(handle))
+            samples.append((max(0, holders - 1), float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)))
+        except pynvml.NVMLError:
+            continue
+    return samples
 
 
 def release_freed_memory() -> None:

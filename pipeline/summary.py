@@ -22,6 +22,7 @@ TABLE_ROWS = (
     ("Trainable parameters", "trainable_params"),
     ("Training time (s)", "train_time_s"),
     ("First-step time (s)", "first_step_s"),
+    ("Generation time (s)", "generation_time_s"),
     ("Evaluation time (s)", "eval_time_s"),
     ("Checkpoint time (s)", "checkpoint_time_s"),
     ("Peak GPU memory (MB)", "peak_gpu_memory_mb"),
@@ -34,6 +35,8 @@ TABLE_ROWS = (
     ("Forgetting perplexity", "forgetting_perplexity"),
     ("Forgetting loss change vs base", "forgetting_loss_change"),
     ("Training tokens/s", "train_tokens_per_s"),
+    ("Generated tokens/s", "generation_tokens_per_s"),
+    ("Other processes' CPU use (cores)", "machine_load.other_cpu_cores_mean"),
     ("BLEU", "metrics.bleu"),
     ("SacreBLEU", "metrics.sacrebleu"),
     ("ROUGE-1", "metrics.rouge1"),
@@ -48,6 +51,45 @@ TABLE_ROWS = (
 UNAVAILABLE = (
     ("METEOR not computed", "metrics.meteor_unavailable_reason"),
     ("Forgetting not measured", "forgetting_unavailable_reason"),
+)
+
+
+# Figures earlier versions did not record: a table none of whose runs has one leaves its row out, so that tables of
+# earlier runs stay as they were.
+NOT_ALWAYS_RECORDED = (
+    "first_step_s",
+    "forgetting_loss",
+    "forgetting_perplexity",
+    "forgetting_loss_change",
+    "generation_time_s",
+    "generation_tokens_per_s",
+    "machine_load.other_cpu_cores_mean",
+)
+
+
+def table_rows(runs: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """TABLE_ROWS for a table of `runs`: those not always recorded only when a run has them."""
+    return [
+        (label, key)
+        for label, key in TABLE_ROWS
+        if key not in NOT_ALWAYS_RECORDED or any(lookup(r, key) is not None for r in runs)
+    ]
+
+
+# Figures of time, which other work on the machine slows: marked "(busy)" when the run's machine_load says busy.
+TIMED = (
+    "train_time_s",
+    "first_step_s",
+    "eval_time_s",
+    "checkpoint_time_s",
+    "generation_time_s",
+    "train_tokens_per_s",
+    "generation_tokens_per_s",
+)
+BUSY_MARK = " (busy)"
+BUSY_NOTE = (
+    f"{BUSY_MARK.strip()}: measured while other processes loaded the machine (machine_load.busy) or beside other runs "
+    "of a study (concurrent_runs > 1); README, Definitions"
 )
 
 
@@ -68,10 +110,23 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
+def busy(results: dict[str, Any]) -> bool:
+    """Other processes loaded the machine during the run, or it was one of several runs a study ran at once."""
+    return bool(lookup(results, "machine_load.busy")) or (results.get("concurrent_runs") or 1) > 1
+
+
+def figure_text(results: dict[str, Any], key: str) -> str:
+    """A figure of the run as the tables show it, a time figure marked when the machine was busy."""
+    value = lookup(results, key)
+    return format_value(value) + (BUSY_MARK if key in TIMED and value is not None and busy(results) else "")
+
+
 def print_run_summary(results: dict[str, Any], file: TextIO = sys.stdout) -> None:
-    rows = [(label, format_value(lookup(results, key))) for label, key in TABLE_ROWS]
+    rows = [(label, figure_text(results, key)) for label, key in table_rows([results])]
     print(f"\n{results['mode']} run: {results['run_dir']}", file=file)
     print(tabulate(rows, tablefmt="simple"), file=file)
+    if busy(results):
+        print(BUSY_NOTE, file=file)
     for what, key in UNAVAILABLE:
         reason = lookup(results, key)
         if reason:

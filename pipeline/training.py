@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -16,13 +17,13 @@ from pipeline import hub
 from pipeline.data import PackedBlocks, load_text_splits, prepare_lm_splits, prompt_reference_pairs
 from pipeline.forgetting import Forgetting, forgetting_blocks
 from pipeline.generation import evaluate_generation
-from pipeline.measurement import PeakMemoryTracker, best, max_over_processes, perplexity
+from pipeline.measurement import MachineLoad, PeakMemoryTracker, best, max_over_processes, perplexity
 from pipeline.modeling import count_parameters
 from pipeline.run_control import CheckedTrainer, StopOnSignal
 from pipeline.run_directory import RunDirectory, mark_failed, open_run, write_checkpoint_figures, write_results
 from pipeline.settings import RunSettings
 from pipeline.summary import method_name, plot_loss_curves, print_run_summary
-from utils import MIB, RunInterrupted, ToolError, environment_info, make_durable, timestamp
+from utils import CONCURRENT_RUNS_VARIABLE, MIB, RunInterrupted, ToolError, environment_info, make_durable, timestamp
 
 PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -217,6 +218,8 @@ def run_record(
         else None,
         "trainable_params": trainable if mode != "base" else 0,
         "total_params": total,
+        # `study --jobs N` runs up to N runs at once and says so here: their times are not a lone run's
+        "concurrent_runs": int(os.environ.get(CONCURRENT_RUNS_VARIABLE, "1")),
         "forgetting_unavailable_reason": forgetting.unavailable_reason,
         "forgetting_eval_tokens": forgetting.blocks.blocks.size if forgetting.blocks else None,
     }
@@ -229,9 +232,10 @@ def evaluate_and_save_results(
     tokenizer: PreTrainedTokenizerBase,
     splits: dict,
     data: dict[str, PackedBlocks],
+    load: MachineLoad,
 ) -> dict[str, Any]:
     """Validation and test loss (every process), then on the main process alone: generation scores,
-    results.json, the loss plot and the summary."""
+    results.json, the loss plot and the summary. `load` has sampled the machine since the run's work began."""
     run_dir = Path(results["run_dir"])
     validation = final_validation(trainer, data["validation"])
     val_loss, forgetting_loss = validation["eval_loss"], validation.get("forgetting_loss")
@@ -259,7 +263,7 @@ def evaluate_and_save_results(
         # generates with its weights as they are: float32 (load_causal_lm).
         model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
         results["generation_precision"] = PRECISION_NAMES[model.dtype]
-        results["metrics"] = evaluate_generation(
+        results["metrics"], generation_figures = evaluate_generation(
             model,
             tokenizer,
             pairs,
@@ -268,14 +272,18 @@ def evaluate_and_save_results(
             tokens_per_word=args.tokens_per_word,
             csv_path=run_dir / "generations.csv",
         )
-    results.update(status="finished", finished_at=timestamp(microseconds=True), log_history=history)
+        results.update(generation_figures)
+    results.update(machine_load=load.summary(), status="finished", finished_at=timestamp(microseconds=True))
+    results["log_history"] = history
     write_results(run_dir, results)
     plot_loss_curves(history, run_dir / "loss_curve.png", title=run_dir.name)
     print_run_summary(results, file=sys.stdout)
     return results
 
 
-def figures_so_far(trainer: CheckedTrainer, memory: PeakMemoryTracker, previous: dict[str, Any]) -> dict[str, Any]:
+def figures_so_far(
+    trainer: CheckedTrainer, memory: PeakMemoryTracker, load: MachineLoad, previous: dict[str, Any]
+) -> dict[str, Any]:
     """What the run has measured up to now, over every session it ran (every process takes part)."""
     cpu, gpu = memory.peaks()
     peaks = {"peak_cpu_memory_mb": max_over_processes(cpu), "peak_gpu_memory_mb": max_over_processes(gpu)}
@@ -290,6 +298,7 @@ def figures_so_far(trainer: CheckedTrainer, memory: PeakMemoryTracker, previous:
         "train_tokens": tokens,
         "first_step_tokens": clock.first_step_tokens,
         "train_tokens_per_s": clock.tokens_per_s(tokens),
+        "machine_load": load.summary(),
     }
 
 
@@ -334,31 +343,32 @@ def train_evaluate_save(
     results = run_record(args, mode, run, model, trainer, checkpoint_dtype, forgetting)
     main = trainer.is_world_process_zero()
 
-    with PeakMemoryTracker() as memory, stop:
+    with MachineLoad(main, run.figures.get("machine_load")) as load:
+        with PeakMemoryTracker() as memory, stop:
 
-        def record_checkpoint(checkpoint: Path) -> None:
-            figures = figures_so_far(trainer, memory, run.figures)
+            def record_checkpoint(checkpoint: Path) -> None:
+                figures = figures_so_far(trainer, memory, load, run.figures)
+                if main:
+                    write_checkpoint_figures(checkpoint, figures)  # last: it marks the checkpoint complete
+                    results.update(figures, checkpoint=str(checkpoint), log_history=trainer.state.log_history)
+                    write_results(run.path, results)
+
+            trainer.checkpoint_saved = record_checkpoint
             if main:
-                write_checkpoint_figures(checkpoint, figures)  # last: it marks the checkpoint complete
-                results.update(figures, checkpoint=str(checkpoint), log_history=trainer.state.log_history)
-                write_results(run.path, results)
+                write_results(run.path, results | run.figures)
+            try:
+                trainer.train_from(run.checkpoint)
+            except torch.OutOfMemoryError as e:
+                raise ToolError(
+                    f"out of GPU memory at --batch_size {args.batch_size} (blocks of {args.block_size} tokens); "
+                    "use a smaller --batch_size with more --gradient_accumulation_steps, or a smaller --block_size"
+                ) from e
+            results.update(figures_so_far(trainer, memory, load, run.figures))
 
-        trainer.checkpoint_saved = record_checkpoint
-        if main:
-            write_results(run.path, results | run.figures)
-        try:
-            trainer.train_from(run.checkpoint)
-        except torch.OutOfMemoryError as e:
-            raise ToolError(
-                f"out of GPU memory at --batch_size {args.batch_size} (blocks of {args.block_size} tokens); "
-                "use a smaller --batch_size with more --gradient_accumulation_steps, or a smaller --block_size"
-            ) from e
-        results.update(figures_so_far(trainer, memory, run.figures))
-
-    if stop.received:
-        raise interrupted(trainer, results, stop.received, mode)
-    results["model_size_mb"] = save_model(trainer, tokenizer, run.path / ("adapter" if mode == "lora" else "model"))
-    return evaluate_and_save_results(args, results, trainer, tokenizer, splits, data)
+        if stop.received:
+            raise interrupted(trainer, results, stop.received, mode)
+        results["model_size_mb"] = save_model(trainer, tokenizer, run.path / ("adapter" if mode == "lora" else "model"))
+        return evaluate_and_save_results(args, results, trainer, tokenizer, splits, data, load)
 
 
 def interrupted(trainer: Trainer, results: dict[str, Any], signal_name: str, mode: str) -> RunInterrupted:

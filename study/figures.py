@@ -12,7 +12,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import ScalarFormatter  # noqa: E402
 
-from pipeline.summary import save_png  # noqa: E402
+from pipeline.summary import BUSY_MARK, BUSY_NOTE, TIMED, busy, save_png  # noqa: E402
+from study.statistics import Arm, rate_multiples  # noqa: E402
 
 Run = dict[str, Any]
 LOG_SCALE_RATIO = 20  # bars or axes whose values span more than this get a log scale
@@ -61,15 +62,24 @@ def plot_study_loss(runs: list[Run], labels: list[str], path: Path) -> None:
     save_png(fig, path)
 
 
-def bars(ax: plt.Axes, labels: list[str], values: list[float | None], title: str, fmt: Callable[[float], str]) -> None:
-    """One bar per run (a gap, marked n/a, where the run has no value), log-scaled when values span orders."""
+def bars(
+    ax: plt.Axes,
+    labels: list[str],
+    values: list[float | None],
+    title: str,
+    fmt: Callable[[float], str],
+    marks: list[str] | None = None,
+) -> None:
+    """One bar per run (a gap, marked n/a, where the run has no value), log-scaled when values span orders; each
+    bar's value followed by its mark, if any (e.g. busy)."""
     color = colors(labels)
-    for i, (label, value) in enumerate(zip(labels, values, strict=True)):
+    marks = marks or [""] * len(labels)
+    for i, (label, value, mark) in enumerate(zip(labels, values, marks, strict=True)):
         if value is None or value <= 0:
             ax.text(i, 0.02, "n/a", transform=ax.get_xaxis_transform(), ha="center", fontsize=8, color="grey")
             continue
         ax.bar(i, value, color=color[label])
-        ax.text(i, value, fmt(value), ha="center", va="bottom", fontsize=8)
+        ax.text(i, value, fmt(value) + mark, ha="center", va="bottom", fontsize=8)
     if spans_orders(values):
         ax.set_yscale("log")
         title += " (log scale)"
@@ -80,16 +90,20 @@ def bars(ax: plt.Axes, labels: list[str], values: list[float | None], title: str
 
 
 def plot_cost(runs: list[Run], labels: list[str], memory_key: str, path: Path) -> None:
+    """A panel per cost, a bar per run; a time figure measured on a busy machine is marked (busy)."""
     panels = (
         ("Training time (s)", "train_time_s", "{:,.1f}"),
+        ("Generation time (s)", "generation_time_s", "{:,.1f}"),
+        ("Generated tokens/s", "generation_tokens_per_s", "{:,.1f}"),
         ("Peak GPU memory (MB)" if "gpu" in memory_key else "Peak CPU memory (MB)", memory_key, "{:,.0f}"),
         ("Trainable parameters", "trainable_params", "{:,.0f}"),
         ("Saved weights (MB)", "model_size_mb", "{:,.2f}"),
     )
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
     for ax, (title, key, fmt) in zip(axes.flat, panels, strict=True):
-        bars(ax, labels, [run.get(key) for run in runs], title, fmt.format)
-    fig.suptitle("Cost per arm")
+        marks = [BUSY_MARK if key in TIMED and busy(run) else "" for run in runs]
+        bars(ax, labels, [run.get(key) for run in runs], title, fmt.format, marks)
+    fig.suptitle("Cost per arm" + (f"; {BUSY_NOTE}" if any(busy(run) for run in runs) else ""), fontsize=10)
     fig.tight_layout()
     save_png(fig, path)
 
@@ -149,6 +163,65 @@ def plot_tradeoff(runs: list[Run], labels: list[str], memory_key: str, path: Pat
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.suptitle("Quality against cost (lower left is better)")
+    fig.tight_layout()
+    save_png(fig, path)
+
+
+def plot_learning_rates(arms: list[Arm], path: Path) -> None:
+    """Final validation loss (mean over seeds, error bars one sample standard deviation) against learning rate on
+    a log axis, a line per trained arm, each chosen rate a star and a rate that diverged an x on the lower edge;
+    below, each LoRA-family arm's chosen rate as a multiple of full fine-tuning's."""
+    trained = [a for a in arms if a.name != "base"]
+    multiples = rate_multiples(arms)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7.5), gridspec_kw={"height_ratios": [3, 1.2]}, squeeze=True)
+    color = colors([a.name for a in trained])
+    for arm in trained:
+        points = [r for r in arm.rates if r.val_loss is not None]
+        if points:
+            top.errorbar(
+                [r.rate for r in points],
+                [r.val_loss.mean for r in points],
+                yerr=[r.val_loss.std or 0 for r in points],
+                fmt="o-",
+                capsize=3,
+                color=color[arm.name],
+                label=arm.name + (" (failed)" if arm.failed else ""),
+            )
+        if arm.chosen:
+            top.scatter(arm.chosen.rate, arm.chosen.val_loss.mean, marker="*", s=260, color=color[arm.name], zorder=4)
+        bad = [r.rate for r in arm.rates if r.diverged]
+        if bad:
+            label = None if points else f"{arm.name} (every rate diverged)"
+            top.scatter(bad, [0.02] * len(bad), marker="x", color=color[arm.name], transform=top.get_xaxis_transform())
+            if label:
+                top.plot([], [], "x", color=color[arm.name], label=label)
+    base = next((a for a in arms if a.name == "base" and a.chosen), None)
+    if base:
+        top.axhline(base.chosen.val_loss.mean, color="grey", linestyle=":", label="base (untrained)")
+    top.set_xscale("log")
+    every_rate = [r.rate for a in trained for r in a.rates if r.rate]
+    if every_rate:  # diverged rates, drawn against the axis rather than the data, must be in view too
+        top.set_xlim(min(every_rate) / 1.6, max(every_rate) * 1.6)
+    top.set(xlabel="learning rate (log scale)", ylabel="final validation loss (nats/token)")
+    title = "Validation loss against learning rate (mean over seeds ± 1 SD; star: chosen; x: diverged)"
+    top.set_title(title, fontsize=10)
+    top.grid(alpha=0.3, which="both")
+    if top.get_legend_handles_labels()[0]:
+        top.legend(fontsize=8)
+    if multiples:
+        names = list(multiples)
+        bottom.barh(range(len(names)), list(multiples.values()), height=0.5, color=[color[n] for n in names])
+        for i, value in enumerate(multiples.values()):
+            bottom.text(value, i, f" {value:.3g}x", va="center", fontsize=9)
+        bottom.axvline(1, color="grey", linestyle=":")
+        bottom.set_yticks(range(len(names)), names, fontsize=8)
+        bottom.set_xscale("log")
+        bottom.set_title("Chosen learning rate as a multiple of full fine-tuning's (log scale)", fontsize=10)
+        bottom.margins(x=0.25)
+        bottom.set_ylim(-0.75, len(names) - 0.25)
+    else:
+        bottom.axis("off")
+        bottom.text(0.5, 0.5, "no full fine-tuning arm with a chosen rate to compare to", ha="center", fontsize=9)
     fig.tight_layout()
     save_png(fig, path)
 

@@ -5,16 +5,27 @@ from __future__ import annotations
 import csv
 import io
 import json
-import statistics
 import sys
 from pathlib import Path
+from statistics import mean, median
 from typing import Any
 
 from tabulate import tabulate
 
 from pipeline.hub import canonical_id
 from pipeline.settings import EVALUATE, SETTING_KINDS, TRAINING, is_local, names_of_kind
-from pipeline.summary import TABLE_ROWS, UNAVAILABLE, format_value, lookup, method_name
+from pipeline.summary import (
+    BUSY_MARK,
+    BUSY_NOTE,
+    TIMED,
+    UNAVAILABLE,
+    busy,
+    figure_text,
+    lookup,
+    method_name,
+    table_rows,
+)
+from study import statistics
 from utils import atomic_write_json, atomic_write_text
 
 Run = dict[str, Any]
@@ -168,7 +179,7 @@ def setting_text(value: Any) -> str:
 
 def comparison_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     headers = ["Metric"] + [label(r) for r in runs]
-    rows = [[name] + [format_value(lookup(r, key)) for r in runs] for name, key in TABLE_ROWS]
+    rows = [[name] + [figure_text(r, key) for r in runs] for name, key in table_rows(runs)]
     return headers, rows
 
 
@@ -176,12 +187,19 @@ def set_text(runs: list[Run]) -> str:
     """The table in Markdown, and below it what differs between its columns."""
     headers, rows = comparison_table(runs)
     _, differ = differences(runs)
-    lines = [tabulate(rows, headers=headers, tablefmt="github"), "", "Differs between columns:"]
-    lines += [
-        f"- {key}: " + "; ".join(f"{who} {setting_text(v)}" for who, v in values.items())
-        for key, values in differ.items()
-    ]
-    return "\n".join(lines if differ else lines[:-2])
+    lines = [tabulate(rows, headers=headers, tablefmt="github")] + busy_note(runs)
+    if differ:
+        lines += ["", "Differs between columns:"]
+        lines += [
+            f"- {key}: " + "; ".join(f"{who} {setting_text(v)}" for who, v in values.items())
+            for key, values in differ.items()
+        ]
+    return "\n".join(lines)
+
+
+def busy_note(runs: list[Run]) -> list[str]:
+    """The line below a table that explains its (busy) marks, when it has any."""
+    return ["", BUSY_NOTE + "."] if any(busy(r) for r in runs) else []
 
 
 def compare(output_dir: Path, include_all: bool = False, run_names: set[str] | None = None) -> str:
@@ -195,6 +213,12 @@ def compare(output_dir: Path, include_all: bool = False, run_names: set[str] | N
         sets = sets[-1:]
     if not sets:
         return f"no finished runs under {output_dir}"
+    return write_comparison(output_dir, sets)
+
+
+def write_comparison(output_dir: Path, sets: list[list[Run]], preface: list[str] | None = None) -> str:
+    """Write comparison.md/.csv/.json and report.md (`preface`, Markdown lines, after its title) for `sets`;
+    return the tables' text."""
     texts = [set_text(s) for s in sets]
     if len(sets) > 1:
         texts = [f"Set {i} of {len(sets)}\n\n{text}" for i, text in enumerate(texts, 1)]
@@ -206,7 +230,7 @@ def compare(output_dir: Path, include_all: bool = False, run_names: set[str] | N
         csv.writer(buffer).writerows([[]] * (i > 0) + [headers, *rows])
     atomic_write_text(output_dir / "comparison.csv", buffer.getvalue())
     atomic_write_json(output_dir / "comparison.json", {"sets": [comparison_record(s) for s in sets]})
-    write_report(output_dir, sets)
+    write_report(output_dir, sets, preface or [])
     return text
 
 
@@ -219,10 +243,10 @@ def comparison_record(runs: list[Run]) -> dict[str, Any]:
     return {"runs": figures, "shared_settings": shared, "differing_settings": differ}
 
 
-def write_report(output_dir: Path, sets: list[list[Run]]) -> None:
-    """report.md with its PNG figures beside it: for each set the table, loss, cost, quality and trade-off
-    figures (and learning against forgetting when a run measured forgetting), three example continuations, and
-    the settings the runs share and those that differ."""
+def write_report(output_dir: Path, sets: list[list[Run]], preface: list[str]) -> None:
+    """report.md with its PNG figures beside it: `preface`, then for each set the table, loss, cost, quality and
+    trade-off figures (and learning against forgetting when a run measured forgetting), three example
+    continuations, and the settings the runs share and those that differ."""
     from study import figures
 
     title = f"# Report: {output_dir.name}"
@@ -230,7 +254,10 @@ def write_report(output_dir: Path, sets: list[list[Run]]) -> None:
         title,
         "",
         "Written by `python main.py compare` (or `study`); every figure's definition is in the README.",
+        *preface,
     ]
+    if preface:
+        sections += ["", "# Every run at its chosen learning rate"]
     for i, runs in enumerate(sets, 1):
         prefix = f"set{i}-" if len(sets) > 1 else ""
         labels = [label(r) for r in runs]
@@ -245,7 +272,7 @@ def write_report(output_dir: Path, sets: list[list[Run]]) -> None:
         h = "###" if len(sets) > 1 else "##"
         if len(sets) > 1:
             sections += ["", f"## Set {i} of {len(sets)}"]
-        sections += ["", f"{h} Comparison", "", tabulate(rows, headers=headers, tablefmt="github")]
+        sections += ["", f"{h} Comparison", "", tabulate(rows, headers=headers, tablefmt="github"), *busy_note(runs)]
         for what, key in UNAVAILABLE:
             reasons = {lookup(r, key) for r in runs} - {None}
             sections += [f"\n{what}: {reason}." for reason in sorted(reasons)]
@@ -299,12 +326,12 @@ def update_shape_text(shape: dict[str, Any], who: str | None = None, ranks: list
     headers += [f"intruder dims per matrix (top {shape['intruder_top_k']}, mean / max)"]
     rows = []
     for kind, matrices in by_module_type(shape).items():
-        ranks_90 = statistics.median(m["energy_rank_90"] for m in matrices)
-        kept = [statistics.median(energy_kept(m["singular_values"], r) or 0 for m in matrices) for r in ranks]
+        ranks_90 = median(m["energy_rank_90"] for m in matrices)
+        kept = [median(energy_kept(m["singular_values"], r) or 0 for m in matrices) for r in ranks]
         intruders = [m["intruder_dimensions"] for m in matrices]
         row = [*([who] if who else []), kind, len(matrices), f"{ranks_90:g} (of {min(matrices[0]['shape'])})"]
         row += [f"{k:.1%}" for k in kept]
-        row += [f"{statistics.mean(intruders):.2f} / {max(intruders)}"]
+        row += [f"{mean(intruders):.2f} / {max(intruders)}"]
         rows.append(row)
     return tabulate(rows, headers=headers, tablefmt="github")
 
@@ -354,7 +381,7 @@ def example_continuations(runs: list[Run], labels: list[str], count: int = 3) ->
     continuations: dict[str, dict[str, str]] = {}
     examples: list[dict[str, str]] = []
     for run, who in zip(runs, labels, strict=True):
-        path = Path(run["run_dir"]) / "generations.csv"
+        path = Path(run.get("generations_csv") or Path(run["run_dir"]) / "generations.csv")  # a study's own run
         if path.is_file():
             with path.open(newline="") as f:
                 rows = list(csv.DictReader(f))
@@ -368,3 +395,164 @@ def example_continuations(runs: list[Run], labels: list[str], count: int = 3) ->
     ]
     cells = [[" ".join(text.split()).replace("|", "\\|") for text in row] for row in rows]
     return tabulate(cells, ["prompt", "reference", *continuations], "github")
+
+
+def study_report(study_dir: Path, runs: list[Run]) -> str:
+    """The report of one study's runs (they differ only in arm, learning rate and seed): each arm at the rate
+    chosen on mean validation loss over seeds, figures pooled over seeds, paired differences against full
+    fine-tuning and the base model, the learning-rate figure and the study's cost; then the chosen runs side by
+    side as `compare` shows runs. Writes report.md, study.json and the comparison files; returns the text printed."""
+    from study import figures
+
+    arms = statistics.choose_rates(runs)
+    chosen = [r for a in arms if a.chosen for r in a.chosen.runs]
+    figures.plot_learning_rates(arms, study_dir / "learning_rates.png")
+    sections = study_sections(arms, runs)
+    atomic_write_json(study_dir / "study.json", study_record(arms, runs))
+    table = write_comparison(study_dir, [columns(chosen)], sections) if chosen else ""
+    if not chosen:
+        atomic_write_text(study_dir / "report.md", "\n".join([f"# Report: {study_dir.name}", *sections]) + "\n")
+    return "\n".join([*sections, "", "# Every run at its chosen learning rate", "", table]).strip()
+
+
+def chosen_rate_text(arm: statistics.Arm) -> str:
+    if arm.failed:
+        return "failed: every rate diverged"
+    if arm.chosen is None or arm.chosen.rate is None:
+        return "-"
+    grid = [statistics.rate_text(r.rate) for r in arm.rates]
+    return statistics.rate_text(arm.chosen.rate) + (f" of {', '.join(grid)}" if len(grid) > 1 else "")
+
+
+def pooled_cell(arm: statistics.Arm, key: str) -> str:
+    if arm.failed:
+        return "diverged"
+    if arm.chosen is None:
+        return "-"
+    pooled = statistics.pooled_figure(arm.chosen.runs, key)
+    if pooled is None:
+        return "-"
+    marked = key in TIMED and any(busy(r) for r in arm.chosen.runs)
+    return pooled.text() + (BUSY_MARK if marked else "")
+
+
+def pooled_table(arms: list[statistics.Arm]) -> str:
+    """Every figure of every arm at its chosen rate: mean ± sample SD over seeds (n), or the value of one seed."""
+    rows = [["Learning rate (chosen on validation)"] + [chosen_rate_text(a) for a in arms]]
+    rows += [["Seeds"] + [str(len(a.chosen.runs)) if a.chosen else "-" for a in arms]]
+    chosen = [r for a in arms if a.chosen for r in a.chosen.runs]
+    rows += [[name] + [pooled_cell(a, key) for a in arms] for name, key in table_rows(chosen)]
+    return tabulate(rows, headers=["Metric", *[a.name for a in arms]], tablefmt="github", disable_numparse=True)
+
+
+def study_sections(arms: list[statistics.Arm], runs: list[Run]) -> list[str]:
+    """The study's own part of the report, as Markdown lines."""
+    seeds = sorted({statistics.seed(r) for r in runs} - {None})
+    trained = [a for a in arms if a.name != "base"]
+    swept = any(len(a.rates) > 1 for a in trained)
+    lines = ["", "## Each arm at its chosen learning rate", "", pooled_table(arms)]
+    lines += busy_note([r for a in arms if a.chosen for r in a.chosen.runs])
+    lines += [
+        "",
+        f"Each trained arm's learning rate is the one with the lowest final validation loss (`val_loss`), the mean "
+        f"over {len(seeds)} seed{'s' * (len(seeds) > 1)} ({', '.join(map(str, seeds))}); the test split never "
+        "takes part in the choice."
+        + (" Figures are mean ± sample standard deviation over seeds, with n." if len(seeds) > 1 else ""),
+    ]
+    chosen = [r for a in trained if a.chosen for r in a.chosen.runs]
+    others = [r for r in runs if r["mode"] != "base" and r not in chosen]
+    if swept and chosen and all(r.get("metrics") for r in chosen) and not any(r.get("metrics") for r in others):
+        lines += [
+            "",
+            "Generation and its scores ran only for each arm's chosen rate (every seed); the other rates' "
+            f"{len(others)} runs were trained and scored on loss only.",
+        ]
+    notes = [f"- **{a.name}**: {note}" for a in arms for note in a.notes]
+    lines += ["", *notes] if notes else []
+    lines += ["", "## Learning rates", "", "![Learning rates](learning_rates.png)", "", rate_table(trained)]
+    multiples = statistics.rate_multiples(arms)
+    if multiples:
+        lines += [
+            "",
+            "Chosen rate as a multiple of full fine-tuning's: "
+            + "; ".join(f"{name} {value:.3g}x" for name, value in multiples.items())
+            + ".",
+        ]
+    lines += ["", "## Differences, paired by seed", "", difference_table(statistics.differences(arms))]
+    lines += ["", "## Cost of the study", "", cost_text(statistics.study_cost(runs, arms))]
+    return lines
+
+
+def rate_table(arms: list[statistics.Arm]) -> str:
+    rows = []
+    for arm in arms:
+        for rate in arm.rates:
+            if rate.diverged:
+                loss = "diverged"
+            elif rate.val_loss is None:
+                loss = "unfinished"
+            else:
+                loss = rate.val_loss.text()
+            rows.append([arm.name, statistics.rate_text(rate.rate), loss, "chosen" if rate is arm.chosen else ""])
+    return tabulate(rows, ["arm", "learning rate", "final validation loss", ""], "github", disable_numparse=True)
+
+
+def difference_table(found: list[statistics.Difference]) -> str:
+    if not found:
+        return "No arm pairs with full fine-tuning or the base model by seed."
+    rows = []
+    for d in found:
+        interval = "-" if d.low is None else f"[{d.low:+,.4f}, {d.high:+,.4f}]"
+        rows.append([d.arm, d.reference, d.key, f"{d.mean:+,.4f}", interval, str(d.n), d.verdict()])
+    headers = ["arm", "reference", "figure", "difference (arm - reference)", "95% CI", "seeds", "verdict"]
+    lines = [tabulate(rows, headers, "github", disable_numparse=True), ""]
+    lines.append(
+        "Each difference is the mean over seeds of (arm - reference) on the same seed (same data order and sample); "
+        "the interval is Student's t with n - 1 degrees of freedom (scipy.stats.t). A difference is larger than "
+        "the noise when its interval excludes 0."
+    )
+    return "\n".join(lines)
+
+
+def cost_text(cost: dict[str, Any]) -> str:
+    text = (
+        f"{cost['runs']} runs"
+        + (f" and {cost['generation_runs']} generation runs at the chosen rates" if cost["generation_runs"] else "")
+        + f": {cost['train_time_s']:,.1f} s of training and {cost['generation_time_s']:,.1f} s of "
+        f"generation, {cost['device_hours']:,.4f} {cost['device_hours_unit']} (training and generation time x "
+        "the GPUs, or the CPU threads, each run used)."
+    )
+    if cost["sweep_factor"]:
+        text += f" The learning-rate sweep multiplied the device-hours by {cost['sweep_factor']:.2f}"
+        text += f" and the seeds by {cost['seeds_factor']:.2f}" if cost["seeds_factor"] else ""
+        text += " (all runs over the chosen rates' runs; those over the chosen rates' runs of one seed)."
+    return text
+
+
+def study_record(arms: list[statistics.Arm], runs: list[Run]) -> dict[str, Any]:
+    """study.json: each arm's grid and choice, the paired differences and the cost."""
+    return {
+        "arms": [
+            {
+                "arm": a.name,
+                "chosen_learning_rate": a.chosen.rate if a.chosen else None,
+                "failed": a.failed,
+                "at_edge_of_grid": a.at_edge,
+                "notes": a.notes,
+                "rates": [
+                    {
+                        "learning_rate": r.rate,
+                        "runs": [Path(run["run_dir"]).name for run in r.runs],
+                        "val_loss_mean": r.val_loss.mean if r.val_loss else None,
+                        "val_loss_std": r.val_loss.std if r.val_loss else None,
+                        "diverged": r.diverged,
+                    }
+                    for r in a.rates
+                ],
+            }
+            for a in arms
+        ],
+        "rate_multiples_of_full": statistics.rate_multiples(arms),
+        "differences": [vars(d) | {"beyond_noise": d.beyond_noise} for d in statistics.differences(arms)],
+        "cost": statistics.study_cost(runs, arms),
+    }

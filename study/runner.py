@@ -1,8 +1,11 @@
-"""`study`: every arm of the comparison with one set of shared settings, each an ordinary run, then the report.
+"""`study`: every arm at each learning rate and seed asked, each an ordinary run, then the report.
 
-Each arm runs in a fresh process (`python main.py <mode> ...`), so its peak memory and time are its own, as a
-standalone run measures them. Running the same command again continues the study: finished arms are skipped,
-an unfinished one is resumed, a missing one is run.
+Each run is a fresh process (`python main.py <mode> ...`), so its peak memory and time are its own, as a standalone
+run measures them; `--jobs N` runs N at once, each on its own share of the CPUs or its own GPUs. Running the same
+command again continues the study: finished runs are skipped, an unfinished one is resumed, a missing one is run,
+and one that another process holds (its lock) is waited for. An arm with several rates trains every rate without
+generation; once every rate has finished, generation runs for the chosen rate's runs only (an `evaluate` of each
+saved model, named `<run>-generation`), and the report takes its figures from there.
 """
 
 from __future__ import annotations
@@ -10,19 +13,27 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from pipeline.run_directory import is_locked
 from pipeline.settings import METHOD_DEFAULTS, SETTING_KINDS, RunSettings
-from study.report import canonical, compare
-from utils import RunInterrupted, ToolError, timestamp
+from study.report import canonical, study_report
+from study.statistics import arm_name, choose_rates, learning_rate, rate_text, seed
+from utils import CONCURRENT_RUNS_VARIABLE, RunInterrupted, ToolError, timestamp
 
 MAIN = Path(__file__).resolve().parents[1] / "main.py"
 LORA_VARIANTS = {"lora": {}, "dora": {"use_dora": True}, "rslora": {"use_rslora": True}}
+HALF_DECADE = 10**0.5
+POLL_S = 1.0  # how often the study looks at runs it waits for
+DIVERGED = "the training loss became"  # how a run that stopped on a non-finite loss records its error
 
 
 @dataclass
@@ -32,34 +43,52 @@ class StudySettings:
     arms: list[str]
     lora_ranks: list[int]
     study_name: str | None
+    learning_rates: list[tuple[str | None, list[float]]] | None = None
+    lr_sweep: int | None = None
+    seeds: list[int] | None = None
+    jobs: int = 1
+    gpus_per_run: int = 1
+    only: int | None = None
+    list: bool = False
+
+    @classmethod
+    def from_flags(cls, args: argparse.Namespace) -> StudySettings:
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
 @dataclass
-class PlannedRun:
-    """One run of the study: its name in the study's directory, and its settings."""
+class Planned:
+    """One run of the study: its arm, its settings (its name in the study's directory is `settings.run_name`), and
+    for a generation run the trained run whose saved model it continues with."""
 
-    name: str
+    arm: str
     settings: RunSettings
+    generation_of: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.settings.run_name
+
+    @property
+    def key(self) -> tuple[str, float | None, int]:
+        return self.arm, self.settings.learning_rate, self.settings.seed
+
+    def argv(self, parser: argparse.ArgumentParser) -> list[str]:
+        """The one place a run's settings become its command line: the arguments of `python main.py`."""
+        return self.settings.to_argv(RunSettings.from_flags(parser.parse_args([self.settings.command])))
 
 
-def planned_runs(study: StudySettings, shared: RunSettings, study_dir: Path) -> list[PlannedRun]:
-    """Every run of the study, in the order they run: the shared settings with each arm's own fields replaced
-    (command, method, rank, and each method's own learning rate and weight decay unless the study set them)."""
+def arms(study: StudySettings) -> list[tuple[str, dict]]:
+    """(arm, the fields its runs replace in the study's settings) of every arm, in the order they run."""
     planned = []
     for arm in study.arms:
         if arm == "base":
-            variants = [("base", {"command": "evaluate"})]
+            planned.append(("base", {"command": "evaluate"}))
         elif arm == "full":
-            variants = [("full", {"command": "full"})]
+            planned.append(("full", {"command": "full"}))
         else:
-            variants = [
-                (f"{arm}-r{r}", {"command": "lora", "lora_rank": r, "use_dora": False, "use_rslora": False})
-                for r in study.lora_ranks
-            ]
-        for name, fields in variants:
-            run = replace(shared, **fields, output_dir=str(study_dir), run_name=name, resume=None)
-            run = replace(run, **{**method_defaults(run), **LORA_VARIANTS.get(arm, {})})
-            planned.append(PlannedRun(name, run))
+            lora = {"command": "lora", "use_dora": False, "use_rslora": False} | LORA_VARIANTS[arm]
+            planned += [(f"{arm}-r{r}", lora | {"lora_rank": r}) for r in study.lora_ranks]
     return planned
 
 
@@ -75,6 +104,43 @@ def method_defaults(run: RunSettings) -> dict:
     }
 
 
+def run_settings(shared: RunSettings, study_dir: Path, name: str, **fields) -> RunSettings:
+    """The study's settings with a run's own fields replaced, in the study's directory under `name`."""
+    run = replace(shared, **fields, output_dir=str(study_dir), run_name=name, resume=None)
+    return replace(run, **method_defaults(run))
+
+
+def rate_grid(study: StudySettings, method: str, default: float) -> list[float]:
+    """A method's learning rates: its --learning_rates list, else the plain list, else --lr_sweep's N rates half a
+    decade apart centred on `default` (its own, or --learning_rate), else `default` alone."""
+    if study.lr_sweep:
+        n = study.lr_sweep
+        return [float(f"{default * HALF_DECADE ** (i - (n - 1) / 2):.3g}") for i in range(n)]
+    lists = dict(study.learning_rates or [])
+    return lists.get(method) or lists.get(None) or [default]
+
+
+def planned_runs(study: StudySettings, shared: RunSettings, study_dir: Path) -> list[Planned]:
+    """Every (arm, rate, seed) run: the shared settings with each run's own fields replaced (command, method, rank,
+    rate, seed; each method's own learning rate and weight decay unless the study set them). Names say the rate and
+    seed only where the study has several (`full`, `lora-r8-lr3e-4`, `lora-r8-lr3e-4-s2025`); an arm with several
+    rates trains them without generation."""
+    seeds = study.seeds or [shared.seed]
+    planned = []
+    for arm, fields in arms(study):
+        command = fields["command"]
+        default = None if command == "evaluate" else shared.learning_rate or METHOD_DEFAULTS[command][0]
+        rates = [None] if command == "evaluate" else rate_grid(study, arm.split("-r")[0], default)
+        swept = len(rates) > 1
+        for rate in rates:
+            for s in seeds:
+                name = arm + (f"-lr{rate_text(rate)}" if swept else "") + (f"-s{s}" if len(seeds) > 1 else "")
+                own = fields | {"seed": s} | ({"learning_rate": rate} if rate else {})
+                own |= {"eval_examples": 0} if swept else {}  # generation only at the chosen rate, later
+                planned.append(Planned(arm, run_settings(shared, study_dir, name, **own)))
+    return planned
+
+
 def recorded(run_dir: Path) -> dict:
     """The run's results.json; empty when it has none that can be read."""
     try:
@@ -84,6 +150,22 @@ def recorded(run_dir: Path) -> dict:
     return results if isinstance(results, dict) else {}
 
 
+def match_existing(study_dir: Path, planned: list[Planned]) -> None:
+    """Give each planned run the directory of a run already in the study with its arm, rate and seed, whatever it
+    is named: a study that gains rates or seeds (and so longer names) keeps the runs it has."""
+    existing = {}
+    for path in sorted(study_dir.glob("*/results.json")):
+        results = recorded(path.parent)
+        if results.get("mode") in ("base", "full", "lora"):
+            existing.setdefault((arm_name(results), learning_rate(results), seed(results)), path.parent.name)
+    for run in planned:
+        run.settings = replace(run.settings, run_name=existing.get(run.key, run.name))
+
+
+# A swept arm's runs train with --eval_examples 0 and generate in runs of their own: not a difference of setting.
+NOT_CHECKED = ("eval_examples",)
+
+
 def changed_settings(config: dict, expected: RunSettings) -> list[str]:
     """The settings (bookkeeping aside) whose recorded value differs from what this study would run with."""
     return [
@@ -91,53 +173,230 @@ def changed_settings(config: dict, expected: RunSettings) -> list[str]:
         for key, value in expected.to_config().items()
         if key in config
         and SETTING_KINDS[key] != "bookkeeping"
+        and key not in NOT_CHECKED
         and json.dumps(canonical(key, config[key])) != json.dumps(canonical(key, value))
     ]
 
 
-def run_arm(argv: list[str]) -> int:
-    """Run one arm to its end; a Ctrl-C or SIGTERM to the study goes to the arm, which stops cleanly."""
-    # Its own session: a terminal's Ctrl-C reaches the arm once (forwarded here), not twice.
-    child = subprocess.Popen(argv, start_new_session=True)
-    # A closed terminal (SIGHUP) stops the arm as SIGTERM does, rather than leave it running unseen.
+def check_settings(study_dir: Path, name: str, planned: list[Planned]) -> None:
+    """Before any run starts: a run (finished or not) recorded with other settings than this command gives it."""
+    for run in planned:
+        changed = changed_settings(recorded(study_dir / run.name).get("config", {}), run.settings)
+        if changed:
+            raise ToolError(
+                f"study {name}: {run.name} was started with other settings ({', '.join(changed)}); "
+                "give this study another --study_name"
+            )
+
+
+def done(results: dict) -> bool:
+    """Finished, or stopped on a non-finite loss: a result either way, never run again."""
+    return results.get("status") == "finished" or (
+        results.get("status") == "failed" and DIVERGED in str(results.get("error"))
+    )
+
+
+def generation_runs(shared: RunSettings, study_dir: Path, planned: list[Planned]) -> list[Planned] | None:
+    """Generation for each arm's chosen rate (every seed) where its runs trained without it: an `evaluate` of the
+    saved model (with the adapter on the same base for LoRA). None until every trained run is done."""
+    records = trained_results(study_dir, planned)
+    if not all(done(r) for r in records):
+        return None
+    if shared.eval_examples == 0:
+        return []
+    by_dir = {r["run_dir"]: run for run, r in zip(planned, records, strict=True)}
+    found = []
+    for arm in choose_rates(records):
+        for results in arm.chosen.runs if arm.chosen and arm.name != "base" else []:
+            trained = by_dir[results["run_dir"]]
+            if results.get("metrics") is not None:
+                continue  # it generated while training
+            saved = study_dir / trained.name
+            if results["mode"] == "full":  # the saved model, not a fresh init from its config
+                model = {"model": str(saved / "model"), "from_scratch": False}
+            else:
+                model = {"adapter": str(saved / "adapter")}
+            fields = {"command": "evaluate", "seed": trained.settings.seed, **model}
+            settings = run_settings(shared, study_dir, f"{trained.name}-generation", **fields)
+            found.append(Planned(arm.name, settings, generation_of=trained.name))
+    return found
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs runs may use, without importing torch: CUDA_VISIBLE_DEVICES when set, else nvidia-smi's list."""
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        return [d.strip() for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip() not in ("", "-1")]
+    if not shutil.which("nvidia-smi"):
+        return []
+    listed = subprocess.run(
+        ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True, timeout=30
+    )
+    return listed.stdout.split() if listed.returncode == 0 else []
+
+
+def usable_cpus() -> list[int]:
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
+class Launcher:
+    """Starts runs in job slots: on a GPU host with --jobs or --gpus_per_run above 1, each slot has its own
+    --gpus_per_run GPUs (CUDA_VISIBLE_DEVICES, and torchrun for more than one); on a CPU host with --jobs above 1,
+    its own share of the CPUs (affinity, and as many torch threads). With --jobs above 1 each run records
+    concurrent_runs."""
+
+    def __init__(self, study: StudySettings, gpus: list[str]) -> None:
+        self.jobs, self.per_run, self.gpus = study.jobs, study.gpus_per_run, gpus
+        cpus = usable_cpus()
+        share = len(cpus) // self.jobs
+        self.cpus = [cpus[i * share : (i + 1) * share] for i in range(self.jobs)]
+
+    def start(self, argv: list[str], slot: int) -> subprocess.Popen:
+        env, affinity = dict(os.environ), None
+        prefix = [sys.executable, str(MAIN)]
+        if self.gpus and (self.jobs > 1 or self.per_run > 1):  # one run alone sees every GPU, as a run by hand does
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(self.gpus[slot * self.per_run : (slot + 1) * self.per_run])
+            if self.per_run > 1:
+                torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(self.per_run)]
+                prefix = [sys.executable, *torchrun, str(MAIN)]
+        elif self.jobs > 1:
+            env["OMP_NUM_THREADS"] = str(len(self.cpus[slot]))
+            affinity = self.cpus[slot]
+        if self.jobs > 1:
+            env[CONCURRENT_RUNS_VARIABLE] = str(self.jobs)
+        # Its own session: a terminal's Ctrl-C reaches the run once (forwarded by the study), not twice.
+        return subprocess.Popen(
+            [*prefix, *argv],
+            env=env,
+            start_new_session=True,
+            preexec_fn=(lambda: os.sched_setaffinity(0, affinity)) if affinity else None,
+        )
+
+
+def execute(
+    runs: list[Planned], study_dir: Path, name: str, launcher: Launcher, parser: argparse.ArgumentParser
+) -> None:
+    """Run every run not done, up to --jobs at once; wait for those another process holds. Ctrl-C or SIGTERM (a
+    closed terminal's SIGHUP as SIGTERM) goes to every running run, which checkpoints and stops; then the study
+    stops. A run that fails other than by diverging stops the study once the running ones end."""
+    again = f"rerun the same command with --study_name {name} to continue"
+    pending, running, slots = list(runs), {}, list(range(launcher.jobs))
+    stopped, failed, waiting = [], [], set()
     forward = {signal.SIGINT: signal.SIGINT, signal.SIGTERM: signal.SIGTERM, signal.SIGHUP: signal.SIGTERM}
-    previous = {s: signal.signal(s, lambda signum, _: child.send_signal(forward[signum])) for s in forward}
+
+    def stop(signum: int, _frame: object) -> None:
+        stopped.extend(run.name for run, _ in running.values() if run.name not in stopped)
+        for child in running:
+            child.send_signal(forward[signum])
+        stopped.append("")  # stopped, even between runs
+
+    previous = {s: signal.signal(s, stop) for s in forward}
     try:
-        return child.wait()
+        while pending or running:
+            for child, (run, slot) in list(running.items()):
+                code = child.poll()
+                if code is None:
+                    continue
+                del running[child]
+                slots.append(slot)
+                if code != 0 and not stopped and not done(recorded(study_dir / run.name)):
+                    failed.append(f"{run.name} (exit status {code})")
+            if stopped or failed:
+                pending.clear()  # start nothing more; wait for the running ones to stop
+            for run in list(pending):
+                if not slots:
+                    break
+                run_dir = study_dir / run.name
+                if done(recorded(run_dir)):
+                    pending.remove(run)
+                    if run.name not in waiting:
+                        print(f"study {name}: {run.name} finished already, skipped", flush=True)
+                    continue
+                if run_dir.exists() and is_locked(run_dir):
+                    if run.name not in waiting:
+                        waiting.add(run.name)
+                        print(f"study {name}: {run.name} is running in another process; waiting for it", flush=True)
+                    continue
+                pending.remove(run)
+                argv = run.argv(parser) + (["--resume"] if run_dir.exists() else [])
+                print(f"study {name}: {run.name}: python main.py {shlex.join(argv)}", flush=True)
+                slot = slots.pop(0)
+                running[launcher.start(argv, slot)] = (run, slot)
+            if pending or running:
+                time.sleep(POLL_S)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    if stopped:
+        during = ", ".join(n for n in stopped if n)
+        raise RunInterrupted(f"study {name} stopped" + (f" during {during}" if during else "") + f"; {again}")
+    if failed:
+        raise ToolError(f"study {name}: {', '.join(failed)} failed (the error is above); {again}")
+
+
+def check_resources(study: StudySettings, parser: argparse.ArgumentParser, gpus: list[str]) -> None:
+    """More runs at once than the host can hold is a flag error, before anything runs."""
+    jobs, per_run = study.jobs, study.gpus_per_run
+    if gpus and jobs * per_run > len(gpus):
+        parser.error(f"--jobs {jobs} x --gpus_per_run {per_run} needs {jobs * per_run} GPUs; this host has {len(gpus)}")
+    if not gpus and per_run > 1:
+        parser.error(f"--gpus_per_run {per_run} needs GPUs; this host has none")
+    if not gpus and jobs > len(usable_cpus()):
+        parser.error(f"--jobs {jobs}: more runs at once than the {len(usable_cpus())} CPUs here")
+
+
+def list_runs(runs: list[Planned], generation: list[Planned] | None, parser: argparse.ArgumentParser) -> None:
+    for index, run in enumerate(runs + (generation or [])):
+        print(f"{index}\t{run.name}\tpython {MAIN.name} {shlex.join(run.argv(parser))}")
+    if generation is None:
+        print(
+            f"then generation for each arm's chosen rate: listed from index {len(runs)} once every run above is done",
+        )
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """Run the study's runs that are not finished, then print the table and write the report in its directory."""
-    study = StudySettings(args.arms, args.lora_ranks, args.study_name)
+    """Run the study's runs that are not done (or with --only, one; with --list, none), then generation for the
+    chosen rates, then print the results and write the report in the study's directory."""
+    study, shared = StudySettings.from_flags(args), RunSettings.from_flags(args)
     name = study.study_name or f"study-{timestamp()}"
-    study_dir = Path(args.output_dir) / name
-    again = f"rerun the same command with --study_name {name} to continue"
-    planned = planned_runs(study, RunSettings.from_flags(args), study_dir)
-    print(f"study {name}: arms {', '.join(p.name for p in planned)} in {study_dir}", flush=True)
-    records = {}
-    for p in planned:  # every run checked before any runs: a study never mixes settings
-        records[p.name] = recorded(study_dir / p.name)
-        changed = changed_settings(records[p.name].get("config", {}), p.settings)
-        if changed:
-            raise ToolError(
-                f"study {name}: {p.name} was started with other settings ({', '.join(changed)}); "
-                "give this study another --study_name"
-            )
-    for p in planned:
-        if records[p.name].get("status") == "finished":
-            print(f"study {name}: {p.name} finished already, skipped", flush=True)
-            continue
-        defaults = RunSettings.from_flags(parser.parse_args([p.settings.command]))
-        argv = p.settings.to_argv(defaults)
-        argv += ["--resume"] if (study_dir / p.name).exists() else []
-        print(f"study {name}: {p.name}: python main.py {shlex.join(argv)}", flush=True)
-        code = run_arm([sys.executable, str(MAIN), *argv])
-        if code == 130 or code < 0:  # stopped by Ctrl-C/SIGTERM cleanly (130), or killed by a signal
-            raise RunInterrupted(f"study {name} stopped during {p.name}; {again}")
-        if code != 0:
-            raise ToolError(f"study {name}: {p.name} failed with exit status {code} (its error is above); {again}")
-    print(compare(study_dir, run_names={p.name for p in planned}))
+    study_dir = Path(shared.output_dir) / name
+    planned = planned_runs(study, shared, study_dir)
+    match_existing(study_dir, planned)
+    generation = generation_runs(shared, study_dir, planned)
+    if study.list:
+        return list_runs(planned, generation, parser)
+    every = planned + (generation or [])
+    if study.only is not None and study.only >= len(every):
+        later = "" if generation is not None else " (generation runs are listed once the others are done)"
+        parser.error(f"--only {study.only}: the study has runs 0 to {len(every) - 1} now{later}")
+    gpus = visible_gpus()
+    check_resources(study, parser, gpus)
+    check_settings(study_dir, name, every)
+    launcher = Launcher(study, gpus)
+    if study.only is not None:
+        return execute([every[study.only]], study_dir, name, launcher, parser)
+    print(f"study {name}: {len(planned)} runs ({', '.join(r.name for r in planned)}) in {study_dir}", flush=True)
+    execute(planned, study_dir, name, launcher, parser)
+    generation = generation_runs(shared, study_dir, planned)
+    check_settings(study_dir, name, generation)
+    execute(generation, study_dir, name, launcher, parser)
+    print(study_report(study_dir, report_runs(study_dir, planned, generation)))
     print(f"\nreport: {study_dir / 'report.md'}")
+
+
+def trained_results(study_dir: Path, planned: list[Planned]) -> list[dict]:
+    """Each planned run's results.json, with where it is now."""
+    return [recorded(study_dir / run.name) | {"run_dir": str(study_dir / run.name)} for run in planned]
+
+
+def report_runs(study_dir: Path, planned: list[Planned], generation: list[Planned]) -> list[dict]:
+    """The trained runs' results, each chosen one with the generation figures of its generation run."""
+    runs = {run.name: results for run, results in zip(planned, trained_results(study_dir, planned), strict=True)}
+    for run in generation:
+        generated = recorded(study_dir / run.name)
+        trained = runs[run.generation_of]
+        trained.update({k: generated.get(k) for k in ("metrics", "generated_tokens", "generation_time_s")})
+        trained["generation_tokens_per_s"] = generated.get("generation_tokens_per_s")
+        trained["generations_csv"] = str(study_dir / run.name / "generations.csv")
+        trained["generation_run"] = run.name
+        trained["config"] = trained["config"] | {"eval_examples": generated["config"]["eval_examples"]}
+    return list(runs.values())

@@ -45,9 +45,9 @@ def test_batched_generation_gives_the_same_hypotheses_as_one_at_a_time(trained_r
     prompts = [p for p, _ in pairs]
     budgets = [16] * len(pairs)  # one budget, so prompts of different lengths share (left-padded) batches
     assert len({len(tokenizer(p)["input_ids"]) for p in prompts}) > 1
-    batched = generate_continuations(model, tokenizer, prompts, budgets, num_beams=3, batch_size=5)
-    alone = generate_continuations(model, tokenizer, prompts, budgets, num_beams=3, batch_size=1)
-    assert batched == alone
+    batched, batched_tokens = generate_continuations(model, tokenizer, prompts, budgets, num_beams=3, batch_size=5)
+    alone, alone_tokens = generate_continuations(model, tokenizer, prompts, budgets, num_beams=3, batch_size=1)
+    assert batched == alone and batched_tokens == alone_tokens > 0
     assert all(h and not h.startswith(p) for h, p in zip(batched, prompts, strict=True))
 
 
@@ -60,6 +60,12 @@ def test_training_runs_score_their_generations(trained_runs):
         with (trained_runs[mode] / "generations.csv").open(newline="") as f:
             rows = list(csv.DictReader(f))
         assert len(rows) == 6 and set(rows[0]) == {"prompt", "reference", "hypothesis"}
+        assert results["generated_tokens"] > 0 and results["generation_time_s"] > 0
+        assert results["generation_tokens_per_s"] == results["generated_tokens"] / results["generation_time_s"]
+        load = results["machine_load"]
+        assert load["samples"] >= 1 and 0 <= load["other_cpu_cores_mean"] <= load["other_cpu_cores_max"]
+        assert load["busy"] == (load["other_cpu_cores_mean"] > load["busy_threshold_cores"])
+        assert load["other_gpu_processes_max"] is None  # no GPU here: unknown, not zero
 
 
 def test_evaluate_scores_a_base_model_and_compare_shows_it_apart_from_other_settings(

@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,7 +17,9 @@ from transformers import AutoModelForCausalLM, integrations
 
 import main as cli
 from lora_finetuning import add_lora_adapters
+from pipeline.run_directory import take_lock
 from study.report import comparable_sets, differences
+from study.statistics import rate_text
 
 ARMS = ("base", "full", "lora-r2", "lora-r4")
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +58,7 @@ def test_a_study_runs_every_arm_as_an_ordinary_run_with_each_methods_defaults(st
 def test_the_report_names_valid_png_figures_beside_it(study):
     report = (study["dir"] / "report.md").read_text()
     figures = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", report)
-    assert len(figures) == 5 and "update_spectrum.png" in figures  # the full arm's update, LoRA's ranks beside it
+    assert len(figures) == 6 and "update_spectrum.png" in figures  # the full arm's update, LoRA's ranks beside it
     for name in figures:
         with Image.open(study["dir"] / name) as image:
             image.verify()
@@ -167,3 +170,91 @@ def test_the_quick_start_runs_share_one_table_however_their_flags_were_typed(tmp
     differ = differences(only)[1]
     assert "epochs" not in differ and "model" not in differ and "lora_alpha" not in differ
     assert set(differ) == {"method", "learning_rate", "weight_decay"}
+
+
+def test_a_sweep_with_seeds_runs_piecewise_chooses_on_validation_and_generates_only_at_the_chosen_rates(
+    common_flags, tmp_path, capfd
+):
+    """Two rates per method, two seeds: `--list`/`--only` run the training as a job array would, two at a time; the
+    plain command with --jobs 2 then generates at each arm's chosen rate and writes the report; again, it runs
+    nothing and writes the same report."""
+    argv = [
+        *("study", *common_flags, "--output_dir", str(tmp_path), "--study_name", "sweep", "--arms", "full,lora"),
+        *("--lora_ranks", "2", "--learning_rates", "full=1e-3,3e-3", "lora=3e-3,1e-2", "--seeds", "1,2"),
+        *("--max_steps", "2", "--eval_examples", "2"),
+    ]
+    capfd.readouterr()
+    assert cli.main([*argv, "--list"]) == 0
+    listed = [line.split("\t") for line in capfd.readouterr().out.splitlines() if "\t" in line]
+    assert [name for _, name, _ in listed][:3] == ["full-lr1e-3-s1", "full-lr1e-3-s2", "full-lr3e-3-s1"]
+    assert len(listed) == 8 and all(command.startswith("python main.py ") for _, _, command in listed)
+    for pair in (listed[i : i + 2] for i in range(0, 8, 2)):  # an array of one run per task, two tasks at a time
+        tasks = [subprocess.Popen([sys.executable, "main.py", *argv, "--only", i], cwd=ROOT) for i, _, _ in pair]
+        assert [task.wait() for task in tasks] == [0, 0]
+
+    assert cli.main([*argv, "--jobs", "2"]) == 0
+    study_dir = tmp_path / "sweep"
+    trained = {name: results(study_dir / name) for _, name, _ in listed}
+    chosen = {}
+    for arm in ("full", "lora-r2"):  # the lowest mean final validation loss over the two seeds
+        rates = {r["config"]["learning_rate"] for n, r in trained.items() if n.startswith(arm)}
+        mean = {rate: sum(r["val_loss"] for n, r in trained.items() if n.startswith(arm) and
+                          r["config"]["learning_rate"] == rate) / 2 for rate in rates}  # fmt: skip
+        chosen[arm] = min(mean, key=mean.get)
+    record = json.loads((study_dir / "study.json").read_text())
+    assert {a["arm"]: a["chosen_learning_rate"] for a in record["arms"]} == chosen
+    generated = sorted(p.name for p in study_dir.glob("*-generation"))
+    expected = [f"{arm}-lr{rate_text(rate)}-s{seed}-generation" for arm, rate in chosen.items() for seed in (1, 2)]
+    assert generated == sorted(expected)
+    for name in generated:  # the chosen run's own model, generating beside another run
+        generation = results(study_dir / name)
+        assert generation["metrics"]["num_examples"] == 2 and generation["concurrent_runs"] == 2
+        assert generation["test_loss"] == trained[name.removesuffix("-generation")]["test_loss"]
+    assert all(r["metrics"] is None for r in trained.values())
+    report = (study_dir / "report.md").read_text()
+    assert "Generation and its scores ran only for each arm's chosen rate (every seed)" in report
+    assert "(n=2)" in report and "paired by seed" in report
+
+    capfd.readouterr()
+    assert cli.main([*argv, "--jobs", "2"]) == 0
+    assert "python main.py" not in capfd.readouterr().out
+    assert (study_dir / "report.md").read_text() == report
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--learning_rates", "full=0,1e-5"], "must be positive, got 0"),
+        (["--learning_rates", "dora=1e-4"], "dora is not a trained arm of --arms base,full,lora"),
+        (["--learning_rates", "1e-4,1e-4"], "each value once"),
+        (["--seeds", "1,2,1"], "each value once"),
+        (["--learning_rate", "1e-4", "--lr_sweep", "3"], "give one of --learning_rate and --lr_sweep"),
+        (["--jobs", "4096"], "--jobs 4096: more runs at once than"),
+        (["--only", "3"], "--only 3: the study has runs 0 to 2 now"),
+    ],
+)
+def test_bad_study_input_is_one_error_line_before_anything_runs(flags, says, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # a CPU host, whatever this one has
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["study", "--output_dir", str(tmp_path), "--study_name", "s", "--eval_examples", "0", *flags])
+    assert exit_info.value.code == 2 and says in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_run_another_process_holds_is_waited_for_not_run_twice(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    run_dir = tmp_path / "s" / "full"
+    run_dir.mkdir(parents=True)
+    (run_dir / "results.json").write_text(json.dumps({"status": "running", "mode": "full"}))
+    lock = take_lock(run_dir)  # as a run started by `--only 0` elsewhere holds it
+
+    def finish() -> None:
+        (run_dir / "results.json").write_text(json.dumps({"status": "finished", "mode": "full"}))
+        lock.close()
+
+    timer = threading.Timer(1.5, finish)
+    timer.start()
+    assert cli.main(["study", "--output_dir", str(tmp_path), "--study_name", "s", "--arms", "full", "--only", "0"]) == 0
+    timer.join()
+    printed = capsys.readouterr().out
+    assert "full is running in another process; waiting for it" in printed and "python main.py" not in printed

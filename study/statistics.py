@@ -1,0 +1,260 @@
+"""A study's runs pooled over seeds, each arm's learning rate chosen on validation, paired differences with their
+confidence interval, and the study's cost. Pure functions of results.json dicts (no torch, no files).
+
+The runs given are those of one study: they share every setting but the arm (method, rank), the learning rate and
+the seed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from scipy import stats
+
+from pipeline.summary import format_value, lookup, method_name
+
+Run = dict[str, Any]
+CONFIDENCE = 0.95
+LORA_FAMILY = ("lora", "dora", "rslora", "dora+rslora")
+
+
+@dataclass(frozen=True)
+class Pooled:
+    """A figure over seed replicates: mean, sample standard deviation (None with one value) and count."""
+
+    mean: float
+    std: float | None
+    n: int
+
+    def text(self) -> str:
+        """`22.41 ± 0.35 (n=3)`; values all alike as `22.41 (n=3)`; one value alone as the tables show it."""
+        number = format_value(self.mean)
+        if self.std is None:
+            return number
+        if self.std == 0:
+            return f"{number} (n={self.n})"
+        decimals = len(number.split(".")[1]) if "." in number else 0
+        return f"{number} ± {self.std:,.{decimals}f} (n={self.n})"
+
+
+def pool(values: list[float | None]) -> Pooled | None:
+    """Mean and sample spread of the values that exist and are finite; None when none is."""
+    values = [v for v in values if isinstance(v, int | float) and math.isfinite(v)]
+    if not values:
+        return None
+    if len(set(values)) == 1:  # alike (a parameter count, a size): kept as it is, an int stays an int
+        return Pooled(values[0], 0.0 if len(values) > 1 else None, len(values))
+    mean = math.fsum(values) / len(values)
+    std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+    return Pooled(mean, std, len(values))
+
+
+def arm_name(run: Run) -> str:
+    """The arm a run belongs to: base, full, or a LoRA-family method with its rank (lora-r8, dora-r4, ...)."""
+    method = run.get("method") or method_name(run["mode"], run.get("config", {}))
+    return f"{method}-r{run['config']['lora_rank']}" if run["mode"] == "lora" else method
+
+
+def learning_rate(run: Run) -> float | None:
+    return None if run["mode"] == "base" else run.get("config", {}).get("learning_rate")
+
+
+def seed(run: Run) -> int | None:
+    return run.get("config", {}).get("seed")
+
+
+def diverged(run: Run) -> bool:
+    """Failed (a non-finite training loss stops a run as failed), or finished with a non-finite validation loss."""
+    if run.get("status") == "failed":
+        return True
+    loss = run.get("val_loss")
+    return run.get("status") == "finished" and (loss is None or not math.isfinite(loss))
+
+
+@dataclass
+class Rate:
+    """One learning rate of an arm: its runs (a seed each) and their mean final validation loss, which exists when
+    every seed finished with a finite one."""
+
+    rate: float | None
+    runs: list[Run]
+    val_loss: Pooled | None = None
+    diverged: bool = False
+
+
+@dataclass
+class Arm:
+    """An arm's learning-rate grid and the rate chosen on mean final validation loss."""
+
+    name: str
+    rates: list[Rate]
+    chosen: Rate | None = None
+    at_edge: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> bool:
+        """Every rate diverged: the arm has no number to show."""
+        return self.chosen is None and all(r.diverged for r in self.rates)
+
+    @property
+    def lora_family(self) -> bool:
+        return self.name.split("-r")[0] in LORA_FAMILY
+
+
+def choose_rates(runs: list[Run]) -> list[Arm]:
+    """Each arm's rates in ascending order, the rate with the lowest mean final validation loss over seeds chosen
+    (never the test loss), a choice at either end of a grid of several rates flagged, an arm whose every rate
+    diverged marked failed. A rate with a seed still unfinished is neither chosen nor counted as diverged."""
+    arms: dict[str, dict[float | None, list[Run]]] = {}
+    for run in runs:
+        arms.setdefault(arm_name(run), {}).setdefault(learning_rate(run), []).append(run)
+    chosen_arms = []
+    for name, by_rate in arms.items():
+        rates = []
+        for rate in sorted(by_rate, key=lambda r: (r is None, r)):
+            members = sorted(by_rate[rate], key=lambda r: seed(r) or 0)
+            entry = Rate(rate, members, diverged=any(diverged(r) for r in members))
+            if not entry.diverged and all(r.get("status") == "finished" for r in members):
+                entry.val_loss = pool([r.get("val_loss") for r in members])
+            rates.append(entry)
+        arm = Arm(name, rates)
+        candidates = [r for r in rates if r.val_loss is not None]
+        if candidates:
+            arm.chosen = min(candidates, key=lambda r: r.val_loss.mean)
+            arm.at_edge = len(rates) > 1 and arm.chosen in (rates[0], rates[-1])
+        if arm.at_edge:
+            arm.notes.append("best at the edge of the grid: widen it")
+        if arm.failed:
+            arm.notes.append("every learning rate diverged (non-finite loss or failed): no figure")
+        elif any(r.diverged for r in rates):
+            arm.notes.append("diverged at " + ", ".join(rate_text(r.rate) for r in rates if r.diverged))
+        chosen_arms.append(arm)
+    return chosen_arms
+
+
+def rate_text(rate: float | None) -> str:
+    """A learning rate as a person writes it: 3e-4, 1e-5."""
+    if rate is None:
+        return "-"
+    mantissa, exponent = f"{rate:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def pooled_figure(runs: list[Run], key: str) -> Pooled | None:
+    return pool([lookup(r, key) for r in runs])
+
+
+@dataclass(frozen=True)
+class Difference:
+    """An arm's figure minus a reference arm's, paired by seed, with its confidence interval (None with one pair)."""
+
+    arm: str
+    reference: str
+    key: str
+    mean: float
+    low: float | None
+    high: float | None
+    n: int
+
+    @property
+    def beyond_noise(self) -> bool | None:
+        """Whether the interval excludes zero; None without an interval."""
+        return None if self.low is None else (self.low > 0 or self.high < 0)
+
+    def verdict(self) -> str:
+        if self.beyond_noise is None:
+            return "one seed: no interval, the noise is unknown"
+        side = "higher" if self.mean > 0 else "lower"
+        if self.beyond_noise:
+            return f"{side} than {self.reference}: the difference is larger than the noise"
+        return f"not distinguishable from {self.reference}: the difference is within the noise"
+
+
+def paired_difference(
+    runs: list[Run], reference: list[Run], key: str, arm: str = "", reference_name: str = ""
+) -> Difference | None:
+    """mean(run - reference) of `key` over the seeds both have, with a Student-t interval at CONFIDENCE
+    (scipy.stats.t); None when no seed pairs up."""
+    by_seed = {seed(r): lookup(r, key) for r in reference}
+    pairs = [
+        lookup(r, key) - by_seed[seed(r)]
+        for r in runs
+        if by_seed.get(seed(r)) is not None and lookup(r, key) is not None
+    ]
+    pairs = [d for d in pairs if math.isfinite(d)]
+    if not pairs:
+        return None
+    pooled = pool(pairs)
+    low = high = None
+    if pooled.n > 1:
+        if pooled.std == 0:
+            low = high = pooled.mean
+        else:
+            low, high = stats.t.interval(
+                CONFIDENCE, pooled.n - 1, loc=pooled.mean, scale=pooled.std / math.sqrt(pooled.n)
+            )
+    return Difference(arm, reference_name, key, pooled.mean, low, high, pooled.n)
+
+
+def differences(arms: list[Arm]) -> list[Difference]:
+    """Test loss and test perplexity of every arm at its chosen rate against full fine-tuning and against the base
+    model (each at its own chosen rate), paired by seed."""
+    chosen = {a.name: a.chosen.runs for a in arms if a.chosen}
+    found = []
+    for reference in ("full", "base"):
+        if reference not in chosen:
+            continue
+        for arm in arms:
+            if arm.name in (reference, "base") or arm.name not in chosen:
+                continue
+            for key in ("test_loss", "test_perplexity"):
+                difference = paired_difference(chosen[arm.name], chosen[reference], key, arm.name, reference)
+                if difference:
+                    found.append(difference)
+    return found
+
+
+def rate_multiples(arms: list[Arm]) -> dict[str, float]:
+    """Each LoRA-family arm's chosen rate as a multiple of full fine-tuning's chosen rate."""
+    full = next((a for a in arms if a.name == "full" and a.chosen), None)
+    if full is None:
+        return {}
+    return {a.name: a.chosen.rate / full.chosen.rate for a in arms if a.lora_family and a.chosen}
+
+
+def device_hours(run: Run) -> tuple[float, str]:
+    """(hours x devices, unit) of a run's training and generation: GPU-hours on CUDA (its processes x the GPUs each
+    drives), else CPU-core-hours (its processes x the torch threads each ran)."""
+    seconds = (run.get("train_time_s") or 0) + (run.get("generation_time_s") or 0)
+    environment = run.get("environment") or {}
+    processes = run.get("world_size") or 1
+    if environment.get("device") == "cuda":
+        return seconds / 3600 * processes * max(1, run.get("gpus_per_process") or 1), "GPU-hours"
+    return seconds / 3600 * processes * (environment.get("cpu_threads") or 1), "CPU-core-hours"
+
+
+def study_cost(runs: list[Run], arms: list[Arm]) -> dict[str, Any]:
+    """Runs, total training and generation seconds, device-hours, and what the sweep and the seeds multiplied the
+    device-hours by: all runs over the chosen rates' runs (every seed), and those over the chosen rates' runs of
+    the first seed."""
+    hours = [device_hours(r) for r in runs]
+    units = sorted({unit for _, unit in hours})
+    total = sum(h for h, _ in hours)
+    chosen = [r for a in arms if a.chosen for r in a.chosen.runs]
+    chosen_hours = sum(device_hours(r)[0] for r in chosen)
+    first = [a.chosen.runs[0] for a in arms if a.chosen]
+    first_hours = sum(device_hours(r)[0] for r in first)
+    return {
+        "runs": len(runs),
+        "generation_runs": sum(1 for r in runs if r.get("generation_run")),  # a study's generation at chosen rates
+        "train_time_s": sum(r.get("train_time_s") or 0 for r in runs),
+        "generation_time_s": sum(r.get("generation_time_s") or 0 for r in runs),
+        "device_hours": total,
+        "device_hours_unit": "+".join(units),
+        "sweep_factor": total / chosen_hours if chosen_hours else None,
+        "seeds_factor": chosen_hours / first_hours if first_hours else None,
+        "seeds": sorted({seed(r) for r in runs if seed(r) is not None}),
+    }
