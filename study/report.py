@@ -54,7 +54,7 @@ FIGURES = (("Loss curves", "loss_curves"), ("Cost", "cost"), ("Quality", "qualit
 
 
 def method(run: Run) -> str:
-    return run.get("method") or method_name(run["mode"], run.get("config", {}))
+    return run.get("method") or method_name(run["mode"], run.get("config", {}), run.get("adapter_config"))
 
 
 def label(run: Run) -> str:
@@ -65,17 +65,25 @@ def canonical(key: str, value: Any) -> Any:
     """One spelling per setting: 2 and 2.0 alike, a path however it was typed, a Hub id however it was typed."""
     if isinstance(value, float) and value.is_integer():
         return int(value)
-    if key in ("model", "dataset", "data_dir", "adapter") and isinstance(value, str):
+    if key in ("model", "dataset", "data_dir", "adapter", "peft_config") and isinstance(value, str):
         return str(Path(value).resolve()) if is_local(value) else canonical_id(value)
     return value
 
 
+# Adapter config keys that say where or how the adapter was loaded, not what it is.
+NOT_ADAPTER_SETTINGS = ("base_model_name_or_path", "revision", "inference_mode", "peft_version")
+
+
 def settings(run: Run) -> dict[str, Any]:
     """What the run is: every flag but where it was written (and the Hub dataset when --data_dir replaced it, the
-    epochs when --max_steps did), its method, the precision it ran at, and on how many processes and GPUs."""
+    epochs when --max_steps did; a --peft_config file's content rather than its path), its method, the precision
+    it ran at, and on how many processes and GPUs."""
     config = run.get("config", {})
     unused = NOT_SETTINGS + (("dataset", "dataset_config") if config.get("data_dir") else ())
     unused += ("epochs",) if config.get("max_steps") else ()
+    adapter = run.get("adapter_config") or {}
+    if config.get("peft_config"):
+        config = config | {"peft_config": {k: v for k, v in adapter.items() if k not in NOT_ADAPTER_SETTINGS}}
     return {k: canonical(k, v) for k, v in config.items() if k not in unused} | {
         "method": method(run),
         "precision": run.get("precision"),
@@ -142,6 +150,8 @@ def setting_text(value: Any) -> str:
     """A flag's value as a person would type it."""
     if value is None:
         return "-"
+    if isinstance(value, dict):  # an adapter's config: its set keys
+        return json.dumps({k: v for k, v in value.items() if v not in (None, [], {})}, separators=(",", ":"))
     return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 

@@ -23,11 +23,30 @@ LORA_VARIANT_FLAGS = {"lora": [], "dora": ["--use_dora"], "rslora": ["--use_rslo
 NOT_PASSED = ("command", "run_name", "resume", "output_dir")  # the study sets these for each arm
 
 
+def peft_arm_names(paths: list[str]) -> list[str]:
+    """The run name of each `peft:PATH` arm: its folder's name for a folder (or a file named adapter_config.json),
+    else the file's stem. ValueError for a path that holds no PEFT config (PEFT itself checks the rest, in the arm)."""
+    names = []
+    for path in map(Path, paths):
+        file = path / "adapter_config.json" if path.is_dir() else path
+        try:
+            config = json.loads(file.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"peft:{path}: not a readable JSON file ({e})") from None
+        if not isinstance(config, dict) or not config.get("peft_type"):
+            raise ValueError(f"peft:{path}: not a PEFT config (it has no peft_type)")
+        names.append(file.parent.name if file.name == "adapter_config.json" else file.stem)
+    return names
+
+
 def arms(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
     """(run name, command, the arm's own flags) of every arm, in the order they run."""
     planned = []
     for arm in args.arms:
-        if arm == "base":
+        if arm.startswith("peft:"):
+            path = arm.removeprefix("peft:")
+            planned.append((*peft_arm_names([path]), "peft", ["--peft_config", path]))
+        elif arm == "base":
             planned.append(("base", "evaluate", []))
         elif arm == "full":
             planned.append(("full", "full", []))
@@ -35,6 +54,13 @@ def arms(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
             planned += [
                 (f"{arm}-r{r}", "lora", ["--lora_rank", str(r), *LORA_VARIANT_FLAGS[arm]]) for r in args.lora_ranks
             ]
+    names = [name for name, _, _ in planned]
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        raise ToolError(
+            f"two arms would be named {', '.join(clashes)}: a peft: arm is named after its config's "
+            "file or folder; rename one"
+        )
     return planned
 
 
@@ -99,7 +125,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     print(f"study {name}: arms {', '.join(a for a, _, _ in planned)} in {study_dir}", flush=True)
     commands, records = {}, {}
     for arm, command, own_flags in planned:  # every arm checked before any runs: a study never mixes settings
-        flags = shared_flags(args, vars(parser.parse_args([command])))
+        flags = shared_flags(args, vars(parser.parse_args([command, *own_flags])))
         commands[arm] = [command, *flags, *own_flags, "--output_dir", str(study_dir), "--run_name", arm]
         records[arm] = recorded(study_dir / arm)
         changed = changed_settings(records[arm].get("config", {}), parser.parse_args(commands[arm]))
