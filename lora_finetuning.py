@@ -4,7 +4,6 @@ PEFT config file describes it (`peft --peft_config FILE`), are trained."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 import peft
@@ -14,7 +13,7 @@ from transformers import PreTrainedModel
 
 from pipeline.modeling import load_causal_lm, load_tokenizer, virtual_tokens
 from pipeline.training import finetune
-from utils import ToolError, one_line
+from utils import ToolError, one_line, peft_config_file
 
 # PEFT types that build on GPT-2 but that this tool's training loop cannot train as PEFT means them.
 NOT_TRAINABLE_HERE = {
@@ -40,7 +39,7 @@ def add_lora_adapters(model: PreTrainedModel, args: argparse.Namespace) -> PeftM
 def load_peft_config(path: str) -> PeftConfig:
     """The PEFT config in `path` (a JSON file, or a directory holding adapter_config.json), read as
     PeftConfig.from_pretrained reads it, to train: inference_mode off, and a causal LM's task type when it has none."""
-    file = Path(path) / "adapter_config.json" if Path(path).is_dir() else Path(path)
+    file = peft_config_file(path)
     if not file.is_file():
         raise ToolError(f"--peft_config {path}: no such file (give a PEFT config JSON, or a folder holding one)")
     try:

@@ -15,8 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from study.report import canonical, compare
-from utils import RunInterrupted, ToolError, timestamp
+from study.report import NOT_ADAPTER_SETTINGS, canonical, compare
+from utils import RunInterrupted, ToolError, peft_config_file, timestamp
 
 MAIN = Path(__file__).resolve().parents[1] / "main.py"
 LORA_VARIANT_FLAGS = {"lora": [], "dora": ["--use_dora"], "rslora": ["--use_rslora"]}
@@ -27,8 +27,8 @@ def peft_arm_names(paths: list[str]) -> list[str]:
     """The run name of each `peft:PATH` arm: its folder's name for a folder (or a file named adapter_config.json),
     else the file's stem. ValueError for a path that holds no PEFT config (PEFT itself checks the rest, in the arm)."""
     names = []
-    for path in map(Path, paths):
-        file = path / "adapter_config.json" if path.is_dir() else path
+    for path in paths:
+        file = peft_config_file(path)
         try:
             config = json.loads(file.read_text())
         except (OSError, ValueError) as e:
@@ -102,6 +102,24 @@ def changed_settings(config: dict, expected: argparse.Namespace) -> list[str]:
     ]
 
 
+def changed_adapter(record: dict, expected: argparse.Namespace) -> list[str]:
+    """The keys of a peft: arm's config file whose value differs from the adapter config the arm recorded."""
+    adapter = record.get("adapter_config")
+    if not adapter or not getattr(expected, "peft_config", None):
+        return []
+
+    def canonical_value(value: object) -> str:  # PEFT keeps module names as a set: written as a sorted list
+        return json.dumps(sorted(value, key=str) if isinstance(value, list) else value)
+
+    written = json.loads(peft_config_file(expected.peft_config).read_text())
+    return [
+        f"{key} {adapter.get(key)} -> {value}"
+        for key, value in written.items()
+        if key not in (*NOT_ADAPTER_SETTINGS, "task_type")
+        and canonical_value(adapter.get(key)) != canonical_value(value)
+    ]
+
+
 def run_arm(argv: list[str]) -> int:
     """Run one arm to its end; a Ctrl-C or SIGTERM to the study goes to the arm, which stops cleanly."""
     # Its own session: a terminal's Ctrl-C reaches the arm once (forwarded here), not twice.
@@ -128,7 +146,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         flags = shared_flags(args, vars(parser.parse_args([command, *own_flags])))
         commands[arm] = [command, *flags, *own_flags, "--output_dir", str(study_dir), "--run_name", arm]
         records[arm] = recorded(study_dir / arm)
-        changed = changed_settings(records[arm].get("config", {}), parser.parse_args(commands[arm]))
+        expected = parser.parse_args(commands[arm])
+        changed = changed_settings(records[arm].get("config", {}), expected) + changed_adapter(records[arm], expected)
         if changed:
             raise ToolError(
                 f"study {name}: {arm} was started with other settings ({', '.join(changed)}); "
