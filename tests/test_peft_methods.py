@@ -143,3 +143,22 @@ def test_prompt_learning_generation_is_greedy_decoding_through_peft_forward(meth
                 if tokens[0, -1] == tokenizer.eos_token_id:
                     break
         assert hypothesis == tokenizer.decode(tokens[0, start:], skip_special_tokens=True).strip()
+
+
+def test_a_peft_arm_whose_config_file_changed_since_it_ran_is_named(tmp_path):
+    from argparse import Namespace
+
+    from study.runner import changed_adapter
+
+    config = tmp_path / "ia3.json"
+    config.write_text(
+        json.dumps({"peft_type": "IA3", "target_modules": ["mlp.c_proj", "c_attn"], "inference_mode": True})
+    )
+    record = {
+        "adapter_config": {"peft_type": "IA3", "target_modules": ["c_attn", "mlp.c_proj"], "inference_mode": False}
+    }
+    assert changed_adapter(record, Namespace(peft_config=str(config))) == []  # module order and mode are no change
+    config.write_text(json.dumps({"peft_type": "IA3", "target_modules": ["c_attn"]}))
+    assert changed_adapter(record, Namespace(peft_config=str(config))) == [
+        "target_modules ['c_attn', 'mlp.c_proj'] -> ['c_attn']"
+    ]
