@@ -2,6 +2,7 @@
 
 python main.py full --epochs 2
 python main.py lora --lora_rank 8
+python main.py peft --peft_config docs/peft-configs/ia3.json
 python main.py evaluate --model openai-community/gpt2-medium
 python main.py compare
 python main.py study --arms base,full,lora --lora_ranks 4,8
@@ -76,11 +77,18 @@ ARMS = ("base", "full", "lora", "dora", "rslora")
 
 
 def arm_names(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in ARMS]
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in ARMS and not n.startswith("peft:")]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"arms are {','.join(ARMS)}; got {text}")
-    return list(dict.fromkeys(names))
+        raise argparse.ArgumentTypeError(f"arms are {','.join(ARMS)} and peft:CONFIG; got {text}")
+    if any(n.startswith("peft:") for n in names):
+        from study.runner import peft_arm_names
+
+        try:
+            peft_arm_names([n.removeprefix("peft:") for n in names if n.startswith("peft:")])
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return names
 
 
 def tracker(name: str) -> str:
@@ -229,12 +237,16 @@ def lora_flags(per_arm: bool = False) -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{full,lora,evaluate,compare,study,score}")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="{full,lora,peft,evaluate,compare,study,score}"
+    )
     full, lora = (training_flags(*METHOD_DEFAULTS[m]) for m in ("full", "lora"))
     commands.add_parser("full", help="fine-tune every weight", parents=[data_flags(), full])
     commands.add_parser("lora", help="fine-tune LoRA adapters", parents=[data_flags(), lora, lora_flags()])
+    peft = commands.add_parser("peft", help="fine-tune any PEFT adapter", parents=[data_flags(), lora])
+    peft.add_argument("--peft_config", help="(required) a PEFT adapter_config.json, or a folder holding one")
     evaluate = commands.add_parser("evaluate", help="score a model without training it", parents=[data_flags()])
-    evaluate.add_argument("--adapter", help="a LoRA adapter directory to put on --model")
+    evaluate.add_argument("--adapter", help="a PEFT adapter directory (as `lora` or `peft` saves it) to put on --model")
     evaluate.add_argument(
         "--resume", action="store_const", const="latest", help="start an unfinished evaluation (--run_name) over"
     )
@@ -249,7 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[data_flags(), training_flags(None, None), lora_flags(per_arm=True)],
     )
     g = study.add_argument_group("study")
-    g.add_argument("--arms", type=arm_names, default=["base", "full", "lora"], help="(default: base,full,lora)")
+    g.add_argument(
+        "--arms",
+        type=arm_names,
+        default=["base", "full", "lora"],
+        help="from base,full,lora,dora,rslora and peft:CONFIG (a PEFT config file or folder; the arm is named "
+        "after it) (default: base,full,lora)",
+    )
     g.add_argument("--lora_ranks", type=positive_ints, default=[4], help="ranks of the LoRA-type arms (default: 4)")
     g.add_argument("--study_name", help="directory under --output_dir (default: study-<timestamp>)")
     score = commands.add_parser("score", help="score a CSV with reference and hypothesis columns")
@@ -259,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
+    if args.command == "peft" and not args.peft_config:  # not argparse's required: the study parses its defaults
+        parser.error("peft needs --peft_config FILE (a PEFT config file, or a folder holding adapter_config.json)")
     if args.command == "study":
         per_arm = [f"--{k}" for k in ("run_name", "resume") if getattr(args, k) is not None]
         if per_arm:
@@ -305,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
             resolve_precision(settings.precision)  # before anything is claimed or prepared
             resolve_sources(settings)
             transformers.set_seed(settings.seed)
-            recipe = {"full": full_finetuning, "lora": lora_finetuning, "evaluate": evaluation}[args.command]
+            recipes = {"full": full_finetuning, "lora": lora_finetuning, "peft": lora_finetuning}
+            recipe = recipes.get(args.command, evaluation)
             try:
                 recipe.run(settings)
             except RunInterrupted:  # every process stopped at the same step: leave together

@@ -18,8 +18,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipeline.settings import METHOD_DEFAULTS, SETTING_KINDS, RunSettings
-from study.report import canonical, compare
-from utils import RunInterrupted, ToolError, timestamp
+from study.report import NOT_ADAPTER_SETTINGS, canonical, compare
+from utils import RunInterrupted, ToolError, peft_config_file, timestamp
 
 MAIN = Path(__file__).resolve().parents[1] / "main.py"
 LORA_VARIANTS = {"lora": {}, "dora": {"use_dora": True}, "rslora": {"use_rslora": True}}
@@ -42,12 +42,32 @@ class PlannedRun:
     settings: RunSettings
 
 
+def peft_arm_names(paths: list[str]) -> list[str]:
+    """The run name of each `peft:PATH` arm: its folder's name for a folder (or a file named adapter_config.json),
+    else the file's stem. ValueError for a path that holds no PEFT config (PEFT itself checks the rest, in the arm)."""
+    names = []
+    for path in paths:
+        file = peft_config_file(path)
+        try:
+            config = json.loads(file.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"peft:{path}: not a readable JSON file ({e})") from None
+        if not isinstance(config, dict) or not config.get("peft_type"):
+            raise ValueError(f"peft:{path}: not a PEFT config (it has no peft_type)")
+        names.append(file.parent.name if file.name == "adapter_config.json" else file.stem)
+    return names
+
+
 def planned_runs(study: StudySettings, shared: RunSettings, study_dir: Path) -> list[PlannedRun]:
     """Every run of the study, in the order they run: the shared settings with each arm's own fields replaced
-    (command, method, rank, and each method's own learning rate and weight decay unless the study set them)."""
+    (command, method, rank or PEFT config, and each method's own learning rate and weight decay unless the study
+    set them)."""
     planned = []
     for arm in study.arms:
-        if arm == "base":
+        if arm.startswith("peft:"):
+            path = arm.removeprefix("peft:")
+            variants = [(*peft_arm_names([path]), {"command": "peft", "peft_config": path})]
+        elif arm == "base":
             variants = [("base", {"command": "evaluate"})]
         elif arm == "full":
             variants = [("full", {"command": "full"})]
@@ -60,6 +80,13 @@ def planned_runs(study: StudySettings, shared: RunSettings, study_dir: Path) -> 
             run = replace(shared, **fields, output_dir=str(study_dir), run_name=name, resume=None)
             run = replace(run, **{**method_defaults(run), **LORA_VARIANTS.get(arm, {})})
             planned.append(PlannedRun(name, run))
+    names = [p.name for p in planned]
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        raise ToolError(
+            f"two arms would be named {', '.join(clashes)}: a peft: arm is named after its config's "
+            "file or folder; rename one"
+        )
     return planned
 
 
@@ -95,6 +122,24 @@ def changed_settings(config: dict, expected: RunSettings) -> list[str]:
     ]
 
 
+def changed_adapter(record: dict, expected: RunSettings) -> list[str]:
+    """The keys of a peft: arm's config file whose value differs from the adapter config the arm recorded."""
+    adapter = record.get("adapter_config")
+    if not adapter or not expected.peft_config:
+        return []
+
+    def canonical_value(value: object) -> str:  # PEFT keeps module names as a set: written as a sorted list
+        return json.dumps(sorted(value, key=str) if isinstance(value, list) else value)
+
+    written = json.loads(peft_config_file(expected.peft_config).read_text())
+    return [
+        f"{key} {adapter.get(key)} -> {value}"
+        for key, value in written.items()
+        if key not in (*NOT_ADAPTER_SETTINGS, "task_type")
+        and canonical_value(adapter.get(key)) != canonical_value(value)
+    ]
+
+
 def run_arm(argv: list[str]) -> int:
     """Run one arm to its end; a Ctrl-C or SIGTERM to the study goes to the arm, which stops cleanly."""
     # Its own session: a terminal's Ctrl-C reaches the arm once (forwarded here), not twice.
@@ -121,6 +166,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     for p in planned:  # every run checked before any runs: a study never mixes settings
         records[p.name] = recorded(study_dir / p.name)
         changed = changed_settings(records[p.name].get("config", {}), p.settings)
+        changed += changed_adapter(records[p.name], p.settings)
         if changed:
             raise ToolError(
                 f"study {name}: {p.name} was started with other settings ({', '.join(changed)}); "
