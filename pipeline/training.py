@@ -21,7 +21,7 @@ from pipeline.measurement import PeakMemoryTracker, best, max_over_processes, pe
 from pipeline.modeling import count_parameters
 from pipeline.run_control import CheckedTrainer, StopOnSignal
 from pipeline.run_directory import RunDirectory, mark_failed, open_run, write_checkpoint_figures, write_results
-from pipeline.settings import RunSettings
+from pipeline.settings import TRAINING, RunSettings
 from pipeline.summary import method_name, plot_loss_curves, print_run_summary
 from utils import MIB, RunInterrupted, ToolError, environment_info, make_durable, timestamp
 
@@ -196,7 +196,7 @@ def run_record(
         "global_batch_size": trainer.args.train_batch_size
         * trainer.args.gradient_accumulation_steps
         * trainer.args.world_size
-        if mode in ("full", "lora")
+        if mode in TRAINING
         else None,
         "trainable_params": trainable if mode != "base" else 0,
         "total_params": total,
