@@ -73,7 +73,7 @@ def settings(run: Run) -> dict[str, Any]:
     when --max_steps did; a --peft_config file's content rather than its path), its method, the precision it ran
     at, on how many processes and GPUs, and on what."""
     config = run.get("config", {})
-    if run["mode"] in ("full", "lora"):
+    if run["mode"] in TRAINING:
         config = UNRECORDED_DEFAULTS | config
     unused = ("dataset", "dataset_config") if config.get("data_dir") else ()
     unused += ("epochs",) if config.get("max_steps") else ()
