@@ -2,6 +2,7 @@
 
 python main.py full --epochs 2
 python main.py lora --lora_rank 8
+python main.py peft --peft_config docs/peft-configs/ia3.json
 python main.py evaluate --model openai-community/gpt2-medium
 python main.py compare
 python main.py study --arms base,full,lora --lora_ranks 4,8
@@ -14,7 +15,7 @@ import sys
 
 # Only light modules at the top: --help and bad flags answer without importing torch (seconds).
 from pipeline.settings import METHOD_DEFAULTS, RunSettings
-from utils import RunInterrupted, ToolError, default_cache_dir
+from utils import RunInterrupted, ToolError, default_cache_dir, peft_arm_name
 
 
 def positive_int(text: str) -> int:
@@ -92,11 +93,18 @@ ARMS = ("base", "full", "lora", "dora", "rslora")
 
 
 def arm_names(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in ARMS]
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in ARMS and not n.startswith("peft:")]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"arms are {','.join(ARMS)}; got {text}")
-    return list(dict.fromkeys(names))
+        raise argparse.ArgumentTypeError(f"arms are {','.join(ARMS)} and peft:CONFIG; got {text}")
+    if any(n.startswith("peft:") for n in names):
+        from study.runner import peft_arm_names
+
+        try:
+            peft_arm_names([n.removeprefix("peft:") for n in names if n.startswith("peft:")])
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return names
 
 
 # OpenWebText, the distribution GPT-2 was trained on: 10,000 documents as the Hub's parquet conversion of
@@ -282,13 +290,15 @@ def lora_flags(per_arm: bool = False) -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(
-        dest="command", required=True, metavar="{full,lora,evaluate,compare,study,score,analyze}"
+        dest="command", required=True, metavar="{full,lora,peft,evaluate,compare,study,score,analyze}"
     )
     full, lora = (training_flags(*METHOD_DEFAULTS[m]) for m in ("full", "lora"))
     commands.add_parser("full", help="fine-tune every weight", parents=[data_flags(), full])
     commands.add_parser("lora", help="fine-tune LoRA adapters", parents=[data_flags(), lora, lora_flags()])
+    peft = commands.add_parser("peft", help="fine-tune any PEFT adapter", parents=[data_flags(), lora])
+    peft.add_argument("--peft_config", help="(required) a PEFT adapter_config.json, or a folder holding one")
     evaluate = commands.add_parser("evaluate", help="score a model without training it", parents=[data_flags()])
-    evaluate.add_argument("--adapter", help="a LoRA adapter directory to put on --model")
+    evaluate.add_argument("--adapter", help="a PEFT adapter directory (as `lora` or `peft` saves it) to put on --model")
     evaluate.add_argument(
         "--resume", action="store_const", const="latest", help="start an unfinished evaluation (--run_name) over"
     )
@@ -303,7 +313,13 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[data_flags(FORGETTING_DATASET), training_flags(None, None), lora_flags(per_arm=True)],
     )
     g = study.add_argument_group("study")
-    g.add_argument("--arms", type=arm_names, default=["base", "full", "lora"], help="(default: base,full,lora)")
+    g.add_argument(
+        "--arms",
+        type=arm_names,
+        default=["base", "full", "lora"],
+        help="from base,full,lora,dora,rslora and peft:CONFIG (a PEFT config file or folder; the arm is named "
+        "after it) (default: base,full,lora)",
+    )
     g.add_argument("--lora_ranks", type=positive_ints, default=[4], help="ranks of the LoRA-type arms (default: 4)")
     g.add_argument("--study_name", help="directory under --output_dir (default: study-<timestamp>)")
     g.add_argument("--learning_rates", nargs="+", type=method_rates, metavar="[METHOD=]R1,R2", help="rates to sweep")
@@ -324,6 +340,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     args = parser.parse_args(argv)
     if getattr(args, "eval_stride", None) and args.eval_stride > args.block_size:
         parser.error(f"--eval_stride {args.eval_stride} would skip tokens: at most --block_size ({args.block_size})")
+    if args.command == "peft" and not args.peft_config:  # not argparse's required: the study parses its defaults
+        parser.error("peft needs --peft_config FILE (a PEFT config file, or a folder holding adapter_config.json)")
     if args.command == "study":
         per_arm = [f"--{k}" for k in ("run_name", "resume") if getattr(args, k) is not None]
         if per_arm:
@@ -338,9 +356,10 @@ def study_rate_errors(parser: argparse.ArgumentParser, args: argparse.Namespace)
     if len(given) > 1:
         parser.error(f"give one of --{' and --'.join(given)}")
     methods = [method for method, _ in args.learning_rates or []]
+    trained = [peft_arm_name(a.removeprefix("peft:")) if a.startswith("peft:") else a for a in args.arms]
     for method in methods:
-        if method is not None and method not in args.arms or method == "base":
-            parser.error(f"--learning_rates {method}=: {method} is not a trained arm of --arms {','.join(args.arms)}")
+        if method is not None and method not in trained or method == "base":
+            parser.error(f"--learning_rates {method}=: {method} is not a trained arm of --arms {','.join(trained)}")
     if len(set(methods)) < len(methods):
         parser.error("--learning_rates: one list per method (and one plain list)")
 
@@ -388,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
             resolve_precision(settings.precision)  # before anything is claimed or prepared
             resolve_sources(settings)
             transformers.set_seed(settings.seed)
-            recipe = {"full": full_finetuning, "lora": lora_finetuning, "evaluate": evaluation}[args.command]
+            recipes = {"full": full_finetuning, "lora": lora_finetuning, "peft": lora_finetuning}
+            recipe = recipes.get(args.command, evaluation)
             try:
                 recipe.run(settings)
             except RunInterrupted:  # every process stopped at the same step: leave together

@@ -129,6 +129,18 @@ def environment_info() -> dict[str, Any]:
     return info
 
 
+def peft_config_file(path: str) -> Path:
+    """The PEFT config file a --peft_config or peft: arm names: the file, or a folder's adapter_config.json."""
+    return Path(path) / "adapter_config.json" if Path(path).is_dir() else Path(path)
+
+
+def peft_arm_name(path: str) -> str:
+    """A peft: arm's name: its config's folder for a folder (or a file named adapter_config.json), else the file's
+    stem."""
+    file = peft_config_file(path)
+    return file.parent.name if file.name == "adapter_config.json" else file.stem
+
+
 def one_line(error: BaseException) -> str:
     """An exception's message folded onto one line, for error messages that must stay one line."""
     return " ".join(str(error).split()) or type(error).__name__

@@ -9,6 +9,7 @@ are transposed first, so left singular vectors live in the layer's output space 
 from __future__ import annotations
 
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ INTRUDER_THRESHOLD = 0.5  # ... an intruder when its largest |cosine| with every
 DTYPE = torch.float64
 COMPUTE_DTYPE = torch.float32
 KEY = "update_shape"
-TRAINED_MODES = ("full", "lora")
+TRAINED_MODES = ("full", "lora", "peft")
 
 
 def module_type(name: str) -> str:
@@ -125,7 +126,17 @@ def trained_weights(run_dir: Path, mode: str, base: PreTrainedModel) -> dict[str
         adapted = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
     except Exception as e:  # peft raises ValueError/OSError/HF errors for a missing or foreign adapter
         raise ToolError(f"could not load the adapter in {run_dir / 'adapter'} ({one_line(e)})") from e
-    return projection_weights(adapted.merge_and_unload())
+    if adapted.active_peft_config.is_prompt_learning:
+        raise NoWeightUpdate(f"{adapted.active_peft_config.peft_type.value} adds virtual tokens, not a weight update")
+    try:
+        merged = adapted.merge_and_unload()
+    except Exception as e:  # a PEFT method without a merge
+        raise NoWeightUpdate(f"PEFT cannot merge {adapted.active_peft_config.peft_type.value} ({one_line(e)})") from e
+    return projection_weights(merged)
+
+
+class NoWeightUpdate(ToolError):
+    """The run's adapter has no weight update to analyse (prompt learning, or a method PEFT cannot merge)."""
 
 
 def check_run(run_dir: Path) -> dict[str, Any]:
@@ -182,5 +193,9 @@ def analyze_saved_run(run_dir: str) -> dict[str, Any]:
 def after_training(results: dict[str, Any]) -> dict[str, Any]:
     """A finished training run, analysed on the process that wrote its results (the others' are not finished)."""
     if results.get("status") == "finished":
-        results[KEY] = analyze_run(Path(results["run_dir"]))
+        try:
+            results[KEY] = analyze_run(Path(results["run_dir"]))
+        except NoWeightUpdate as e:  # the run itself is fine: say why it has no update shape
+            print(f"note: no update shape: {e}", file=sys.stderr)
+            results[KEY] = None
     return results

@@ -23,7 +23,7 @@ def run(args: RunSettings) -> dict[str, Any]:
         try:
             model = PeftModel.from_pretrained(model, args.adapter)
         except Exception as e:  # peft raises ValueError/OSError/HF errors for a missing or foreign adapter
-            raise ToolError(f"could not load LoRA adapter '{args.adapter}' ({one_line(e)})") from e
+            raise ToolError(f"could not load PEFT adapter '{args.adapter}' ({one_line(e)})") from e
     with claim_run(args, mode) as run:  # an unfinished evaluation resumed with --resume simply starts over
         args.run_name = run.path.name
         splits, data, forgetting = load_packed_splits(args, tokenizer)

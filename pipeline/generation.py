@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.measurement import synchronize
+from pipeline.modeling import virtual_tokens
 from pipeline.scoring import corpus_scores
 from utils import atomic_write_text
 
@@ -27,8 +28,10 @@ def token_budget(reference: str, tokens_per_word: float) -> int:
     return BUDGET_BUCKET * max(1, math.ceil(tokens_per_word * len(reference.split()) / BUDGET_BUCKET))
 
 
-def batch_by_budget_and_length(budgets: list[int], lengths: list[int], batch_size: int) -> list[tuple[int, list[int]]]:
-    """Batches of example indices sharing one budget and of similar prompt length.
+def batch_by_budget_and_length(
+    budgets: list[int], lengths: list[int], batch_size: int, same_length: bool = False
+) -> list[tuple[int, list[int]]]:
+    """Batches of example indices sharing one budget and of similar prompt length (with `same_length`, equal).
 
     A batch's longest prompt is at most twice its shortest plus 8 tokens: beam search copies its key-value
     cache every step, so padding costs as much as text.
@@ -37,7 +40,8 @@ def batch_by_budget_and_length(budgets: list[int], lengths: list[int], batch_siz
     for i in sorted(range(len(budgets)), key=lambda i: (budgets[i], lengths[i])):
         if batches:
             budget, batch = batches[-1]
-            if budget == budgets[i] and len(batch) < batch_size and lengths[i] <= 2 * lengths[batch[0]] + 8:
+            fits = lengths[i] == lengths[batch[0]] if same_length else lengths[i] <= 2 * lengths[batch[0]] + 8
+            if budget == budgets[i] and len(batch) < batch_size and fits:
                 batch.append(i)
                 continue
         batches.append((budgets[i], [i]))
@@ -45,15 +49,21 @@ def batch_by_budget_and_length(budgets: list[int], lengths: list[int], batch_siz
 
 
 def prompt_batches(
-    tokenizer: PreTrainedTokenizerBase, config, prompts: list[str], budgets: list[int], batch_size: int
+    tokenizer: PreTrainedTokenizerBase,
+    config,
+    prompts: list[str],
+    budgets: list[int],
+    batch_size: int,
+    virtual: int = 0,
 ) -> list[tuple[int, list[int], int]]:
     """The generate calls `generate_continuations` makes: (budget, prompt indices, padded prompt tokens after
-    truncation to the context left by the budget)."""
-    max_positions = getattr(config, "n_positions", None) or config.max_position_embeddings
+    truncation to the context left by the budget and a prompt-learning adapter's `virtual` tokens). PEFT drops the
+    position ids of such an adapter's inputs, which would shift a padded prompt: its batches are unpadded."""
+    max_positions = (getattr(config, "n_positions", None) or config.max_position_embeddings) - virtual
     lengths = [len(ids) for ids in tokenizer(prompts, verbose=False)["input_ids"]]
     return [
         (budget, batch, min(max(lengths[i] for i in batch), max_positions - budget))
-        for budget, batch in batch_by_budget_and_length(budgets, lengths, batch_size)
+        for budget, batch in batch_by_budget_and_length(budgets, lengths, batch_size, same_length=virtual > 0)
     ]
 
 
@@ -67,13 +77,16 @@ def generate_continuations(
     batch_size: int,
 ) -> tuple[list[str], int]:
     """Beam-search continuation of each prompt (new tokens only, decoded), batched by budget and length; and how
-    many new tokens they hold (a finished beam's padding after its end-of-text token not counted)."""
+    many new tokens they hold (a finished beam's padding after its end-of-text token not counted). A PEFT model
+    generates through its own generate (prefix and prompt tuning put their virtual tokens before the prompt there),
+    with the cache off: PEFT 0.21's cached generate on GPT-2 gave other tokens than its own forward (tested)."""
     model.eval()
     tokenizer.padding_side = "left"
     tokenizer.truncation_side = "left"  # keep the prompt's end when it would overflow the context
     hypotheses = [""] * len(prompts)
     new_tokens = 0
-    batches = prompt_batches(tokenizer, model.config, prompts, budgets, batch_size)
+    virtual = virtual_tokens(model)
+    batches = prompt_batches(tokenizer, model.config, prompts, budgets, batch_size, virtual)
     for budget, batch, prompt_tokens in tqdm(batches, desc="generating", unit="batch"):
         inputs = tokenizer(
             [prompts[i] for i in batch], return_tensors="pt", padding=True, truncation=True, max_length=prompt_tokens
@@ -85,6 +98,7 @@ def generate_continuations(
             no_repeat_ngram_size=2,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
+            use_cache=virtual == 0,
         )
         continuation = output[:, inputs["input_ids"].shape[1] :]
         new_tokens += int((continuation != tokenizer.pad_token_id).sum())

@@ -20,6 +20,9 @@ IGNORE_INDEX = -100
 LOGITS_PER_CHUNK = 2**24  # 64 MB of fp32 logits per chunk: 333 positions of GPT-2's 50,257-way vocabulary
 # Models whose forward is body -> bias-free Linear head -> shifted cross-entropy, nothing else (no logit scaling).
 PLAIN_HEAD_MODEL_TYPES = {"gpt2"}
+# PEFT methods whose model is the base model with some layers replaced: its forward is the base model's (tested,
+# tests/test_peft_methods.py). Not prefix or prompt tuning, whose virtual tokens PEFT's own forward adds.
+LAYER_PEFT_TYPES = {"LORA", "IA3", "VERA", "FOURIERFT", "LN_TUNING", "VBLORA"}
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -82,11 +85,14 @@ def causal_lm(model: torch.nn.Module) -> PreTrainedModel:
 
 def supports_chunked_loss(model: torch.nn.Module) -> bool:
     """Whether the chunked loss computes exactly this model's own loss: a plain-head causal LM, not wrapped for
-    distribution or compilation (their forward must run through the wrapper)."""
+    distribution or compilation (their forward must run through the wrapper), under a PEFT method that only
+    replaces layers, if any."""
+    if isinstance(model, PeftModel) and model.active_peft_config.peft_type not in LAYER_PEFT_TYPES:
+        return False
     lm = causal_lm(model)
     head = lm.get_output_embeddings() if isinstance(lm, PreTrainedModel) else None
     return (
-        isinstance(head, torch.nn.Linear)
+        type(head) is torch.nn.Linear  # not a PEFT wrapper of the head (trainable tokens, modules_to_save)
         and head.bias is None
         and lm.config.model_type in PLAIN_HEAD_MODEL_TYPES
         and lm.base_model is not lm

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.hub import load_error
@@ -55,6 +56,15 @@ def load_causal_lm(name: str, from_scratch: bool = False) -> tuple[PreTrainedMod
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; tied weights count once."""
+    """(trainable, total) parameter counts, as PEFT counts them for an adapter; tied weights count once."""
+    if isinstance(model, PeftModel):
+        return model.get_nb_trainable_parameters()
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def virtual_tokens(model: torch.nn.Module) -> int:
+    """Positions a prompt-learning adapter (prefix, prompt, p-tuning) puts before the input: they take up context."""
+    if not isinstance(model, PeftModel) or not model.active_peft_config.is_prompt_learning:
+        return 0
+    return model.active_peft_config.num_virtual_tokens

@@ -20,12 +20,13 @@ from typing import Any, Literal
 Kind = Literal["experiment", "replicate", "swept", "bookkeeping"]
 KINDS: tuple[Kind, ...] = ("experiment", "replicate", "swept", "bookkeeping")
 # The commands a setting belongs to: each group is one set of flags on the command line.
-DATA = ("full", "lora", "evaluate")
-TRAINING = ("full", "lora")
+DATA = ("full", "lora", "peft", "evaluate")
+TRAINING = ("full", "lora", "peft")
 LORA = ("lora",)
+PEFT = ("peft",)
 EVALUATE = ("evaluate",)
 # Each method's own learning rate and weight decay, used unless a flag sets them.
-METHOD_DEFAULTS = {"full": (1e-5, 0.01), "lora": (1e-4, 0.0)}
+METHOD_DEFAULTS = {"full": (1e-5, 0.01), "lora": (1e-4, 0.0), "peft": (1e-4, 0.0)}
 
 
 def setting(kind: Kind, commands: tuple[str, ...]) -> Any:
@@ -35,7 +36,7 @@ def setting(kind: Kind, commands: tuple[str, ...]) -> Any:
 
 @dataclass
 class RunSettings:
-    """Everything one run (`full`, `lora` or `evaluate`) is told; a setting its command does not take is None."""
+    """Everything one run (`full`, `lora`, `peft`, `evaluate`) is told; a setting its command does not take is None."""
 
     command: str = setting("bookkeeping", DATA)
     # model and data
@@ -88,6 +89,8 @@ class RunSettings:
     lora_alpha: float | None = setting("swept", LORA)
     lora_dropout: float | None = setting("swept", LORA)
     lora_target_modules: list[str] | str | None = setting("swept", LORA)
+    # any PEFT adapter: compared by the adapter config it recorded (study.report.settings), not by the path
+    peft_config: str | None = setting("swept", PEFT)
     # evaluate
     adapter: str | None = setting("swept", EVALUATE)
 
@@ -129,7 +132,17 @@ class RunSettings:
 
 
 # Settings that may name local files or directories (a model or adapter may also be a Hub id).
-PATHS = ("model", "data_dir", "forgetting_data_dir", "adapter", "cache_dir", "output_dir", "fsdp_config", "deepspeed")
+PATHS = (
+    "model",
+    "data_dir",
+    "forgetting_data_dir",
+    "adapter",
+    "peft_config",
+    "cache_dir",
+    "output_dir",
+    "fsdp_config",
+    "deepspeed",
+)
 
 
 def is_local(name: str) -> bool:

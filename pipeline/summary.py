@@ -133,8 +133,17 @@ def print_run_summary(results: dict[str, Any], file: TextIO = sys.stdout) -> Non
             print(f"{what}: {reason}", file=file)
 
 
-def method_name(mode: str, config: dict[str, Any]) -> str:
-    """full, base, ..., or for LoRA runs its variant: lora, dora, rslora (dora+rslora with both flags)."""
+# (adapter config key, how the label shows it): the settings that tell one adapter of a PEFT method from another.
+KEY_SETTINGS = (("r", "r{}"), ("n_frequency", "n{}"), ("num_virtual_tokens", "{} tokens"))
+
+
+def method_name(mode: str, config: dict[str, Any], adapter: dict[str, Any] | None = None) -> str:
+    """full, base, ...; for LoRA runs its variant: lora, dora, rslora (dora+rslora with both flags); for a
+    `peft` run its PEFT type and key settings (`adapter`, its config): ia3, vera r256, prompt_tuning 20 tokens."""
+    if mode == "peft":
+        adapter = adapter or {}
+        name = str(adapter.get("peft_type", "peft")).lower()
+        return " ".join([name] + [shown.format(adapter[k]) for k, shown in KEY_SETTINGS if adapter.get(k)])
     if mode != "lora":
         return mode
     return "+".join(v for v in ("dora", "rslora") if config.get(f"use_{v}")) or "lora"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
+from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments, default_data_collator
 
 from pipeline import hub
@@ -21,7 +23,7 @@ from pipeline.measurement import MachineLoad, PeakMemoryTracker, best, max_over_
 from pipeline.modeling import count_parameters
 from pipeline.run_control import CheckedTrainer, StopOnSignal
 from pipeline.run_directory import RunDirectory, mark_failed, open_run, write_checkpoint_figures, write_results
-from pipeline.settings import RunSettings
+from pipeline.settings import TRAINING, RunSettings
 from pipeline.summary import method_name, plot_loss_curves, print_run_summary
 from utils import CONCURRENT_RUNS_VARIABLE, MIB, RunInterrupted, ToolError, environment_info, make_durable, timestamp
 
@@ -193,10 +195,13 @@ def run_record(
     """The fields of results.json every run has, before anything is measured."""
     trainable, total = count_parameters(model)
     config, paths_as_typed = args.recorded_config()
+    adapter = adapter_config(model)
     return {
         "status": "running",
         "mode": mode,
-        "method": method_name(mode, config),
+        "method": method_name(mode, config, adapter),
+        "peft_type": adapter and adapter["peft_type"],
+        "adapter_config": adapter,
         "model": config["model"],
         "run_dir": str(run.path),
         "started_at": run.started_at or timestamp(),
@@ -214,7 +219,7 @@ def run_record(
         "global_batch_size": trainer.args.train_batch_size
         * trainer.args.gradient_accumulation_steps
         * trainer.args.world_size
-        if mode in ("full", "lora")
+        if mode in TRAINING
         else None,
         "trainable_params": trainable if mode != "base" else 0,
         "total_params": total,
@@ -223,6 +228,14 @@ def run_record(
         "forgetting_unavailable_reason": forgetting.unavailable_reason,
         "forgetting_eval_tokens": forgetting.blocks.blocks.size if forgetting.blocks else None,
     }
+
+
+def adapter_config(model: PreTrainedModel) -> dict[str, Any] | None:
+    """A PEFT model's whole adapter config, as JSON (sets as sorted lists, like save_pretrained); None otherwise."""
+    if not isinstance(model, PeftModel):
+        return None
+    as_json = json.dumps(model.active_peft_config.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else v)
+    return json.loads(as_json)
 
 
 def evaluate_and_save_results(
@@ -367,7 +380,7 @@ def train_evaluate_save(
 
         if stop.received:
             raise interrupted(trainer, results, stop.received, mode)
-        results["model_size_mb"] = save_model(trainer, tokenizer, run.path / ("adapter" if mode == "lora" else "model"))
+        results["model_size_mb"] = save_model(trainer, tokenizer, run.path / ("model" if mode == "full" else "adapter"))
         return evaluate_and_save_results(args, results, trainer, tokenizer, splits, data, load)
 
 

@@ -60,7 +60,7 @@ FIGURES = (("Loss curves", "loss_curves"), ("Cost", "cost"), ("Quality", "qualit
 
 
 def method(run: Run) -> str:
-    return run.get("method") or method_name(run["mode"], run.get("config", {}))
+    return run.get("method") or method_name(run["mode"], run.get("config", {}), run.get("adapter_config"))
 
 
 def label(run: Run) -> str:
@@ -71,17 +71,23 @@ def canonical(key: str, value: Any) -> Any:
     """One spelling per setting: 2 and 2.0 alike, a path however it was typed, a Hub id however it was typed."""
     if isinstance(value, float) and value.is_integer():
         return int(value)
-    if key in ("model", "dataset", "data_dir", "adapter", "forgetting_data_dir") and isinstance(value, str):
+    if key in ("model", "dataset", "data_dir", "adapter", "forgetting_data_dir", "peft_config") and isinstance(
+        value, str
+    ):
         return str(Path(value).resolve()) if is_local(value) else canonical_id(value)
     return value
 
 
+# Adapter config keys that say where or how the adapter was loaded, not what it is.
+NOT_ADAPTER_SETTINGS = ("base_model_name_or_path", "revision", "inference_mode", "peft_version")
+
+
 def settings(run: Run) -> dict[str, Any]:
     """What the run is: every setting but bookkeeping (and the Hub dataset when --data_dir replaced it, the epochs
-    when --max_steps did; the evaluation stride as the tokens it is), its method, the precision it ran at, on how
-    many processes and GPUs, and on what."""
+    when --max_steps did; the evaluation stride as the tokens it is; a --peft_config file's content rather than its
+    path), its method, the precision it ran at, on how many processes and GPUs, and on what."""
     config = run.get("config", {})
-    if run["mode"] in ("full", "lora"):
+    if run["mode"] in TRAINING:
         config = UNRECORDED_DEFAULTS | config
     config = config | {"eval_stride": config.get("eval_stride") or config.get("block_size")}  # unset: the blocks
     unused = ("dataset", "dataset_config") if config.get("data_dir") else ()
@@ -90,6 +96,9 @@ def settings(run: Run) -> dict[str, Any]:
         unused += ("forgetting_dataset",)
     elif not config.get("forgetting_dataset"):  # off (or recorded before it existed): its budget means nothing
         unused += ("forgetting_tokens",)
+    if config.get("peft_config"):
+        adapter = run.get("adapter_config") or {}
+        config = config | {"peft_config": {k: v for k, v in adapter.items() if k not in NOT_ADAPTER_SETTINGS}}
     environment = run.get("environment") or {}
     measured = {
         "method": method(run),
@@ -174,6 +183,8 @@ def setting_text(value: Any) -> str:
     """A flag's value as a person would type it."""
     if value is None:
         return "-"
+    if isinstance(value, dict):  # an adapter's config: its set keys
+        return json.dumps({k: v for k, v in value.items() if v not in (None, [], {})}, separators=(",", ":"))
     return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 

@@ -25,9 +25,9 @@ from pathlib import Path
 
 from pipeline.run_directory import is_locked
 from pipeline.settings import METHOD_DEFAULTS, SETTING_KINDS, RunSettings
-from study.report import canonical, study_report
+from study.report import NOT_ADAPTER_SETTINGS, canonical, study_report
 from study.statistics import arm_name, choose_rates, learning_rate, rate_text, seed
-from utils import CONCURRENT_RUNS_VARIABLE, RunInterrupted, ToolError, timestamp
+from utils import CONCURRENT_RUNS_VARIABLE, RunInterrupted, ToolError, peft_arm_name, peft_config_file, timestamp
 
 MAIN = Path(__file__).resolve().parents[1] / "main.py"
 LORA_VARIANTS = {"lora": {}, "dora": {"use_dora": True}, "rslora": {"use_rslora": True}}
@@ -78,17 +78,42 @@ class Planned:
         return self.settings.to_argv(RunSettings.from_flags(parser.parse_args([self.settings.command])))
 
 
-def arms(study: StudySettings) -> list[tuple[str, dict]]:
-    """(arm, the fields its runs replace in the study's settings) of every arm, in the order they run."""
+def peft_arm_names(paths: list[str]) -> list[str]:
+    """The run name of each `peft:PATH` arm (utils.peft_arm_name). ValueError for a path that holds no PEFT config
+    (PEFT itself checks the rest, in the arm's own process)."""
+    for path in paths:
+        try:
+            config = json.loads(peft_config_file(path).read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"peft:{path}: not a readable JSON file ({e})") from None
+        if not isinstance(config, dict) or not config.get("peft_type"):
+            raise ValueError(f"peft:{path}: not a PEFT config (it has no peft_type)")
+    return [peft_arm_name(path) for path in paths]
+
+
+def arms(study: StudySettings) -> list[tuple[str, str, dict]]:
+    """(arm, the method --learning_rates names it by, the fields its runs replace in the study's settings) of every
+    arm, in the order they run. Two arms of one name are an error."""
     planned = []
     for arm in study.arms:
-        if arm == "base":
-            planned.append(("base", {"command": "evaluate"}))
+        if arm.startswith("peft:"):
+            path = arm.removeprefix("peft:")
+            (name,) = peft_arm_names([path])
+            planned.append((name, name, {"command": "peft", "peft_config": path}))
+        elif arm == "base":
+            planned.append(("base", "base", {"command": "evaluate"}))
         elif arm == "full":
-            planned.append(("full", {"command": "full"}))
+            planned.append(("full", "full", {"command": "full"}))
         else:
             lora = {"command": "lora", "use_dora": False, "use_rslora": False} | LORA_VARIANTS[arm]
-            planned += [(f"{arm}-r{r}", lora | {"lora_rank": r}) for r in study.lora_ranks]
+            planned += [(f"{arm}-r{r}", arm, lora | {"lora_rank": r}) for r in study.lora_ranks]
+    names = [name for name, _, _ in planned]
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        raise ToolError(
+            f"two arms would be named {', '.join(clashes)}: a peft: arm is named after its config's file or folder; "
+            "rename one"
+        )
     return planned
 
 
@@ -127,10 +152,10 @@ def planned_runs(study: StudySettings, shared: RunSettings, study_dir: Path) -> 
     rates trains them without generation."""
     seeds = study.seeds or [shared.seed]
     planned = []
-    for arm, fields in arms(study):
+    for arm, method, fields in arms(study):
         command = fields["command"]
         default = None if command == "evaluate" else shared.learning_rate or METHOD_DEFAULTS[command][0]
-        rates = [None] if command == "evaluate" else rate_grid(study, arm.split("-r")[0], default)
+        rates = [None] if command == "evaluate" else rate_grid(study, method, default)
         swept = len(rates) > 1
         for rate in rates:
             for s in seeds:
@@ -156,7 +181,7 @@ def match_existing(study_dir: Path, planned: list[Planned]) -> None:
     existing = {}
     for path in sorted(study_dir.glob("*/results.json")):
         results = recorded(path.parent)
-        if results.get("mode") in ("base", "full", "lora"):
+        if results.get("mode") in ("base", "full", "lora", "peft"):
             existing.setdefault((arm_name(results), learning_rate(results), seed(results)), path.parent.name)
     for run in planned:
         run.settings = replace(run.settings, run_name=existing.get(run.key, run.name))
@@ -178,10 +203,29 @@ def changed_settings(config: dict, expected: RunSettings) -> list[str]:
     ]
 
 
+def changed_adapter(record: dict, expected: RunSettings) -> list[str]:
+    """The keys of a peft: arm's config file whose value differs from the adapter config the arm recorded."""
+    adapter = record.get("adapter_config")
+    if not adapter or not expected.peft_config:
+        return []
+
+    def canonical_value(value: object) -> str:  # PEFT keeps module names as a set: written as a sorted list
+        return json.dumps(sorted(value, key=str) if isinstance(value, list) else value)
+
+    written = json.loads(peft_config_file(expected.peft_config).read_text())
+    return [
+        f"{key} {adapter.get(key)} -> {value}"
+        for key, value in written.items()
+        if key not in (*NOT_ADAPTER_SETTINGS, "task_type")
+        and canonical_value(adapter.get(key)) != canonical_value(value)
+    ]
+
+
 def check_settings(study_dir: Path, name: str, planned: list[Planned]) -> None:
     """Before any run starts: a run (finished or not) recorded with other settings than this command gives it."""
     for run in planned:
-        changed = changed_settings(recorded(study_dir / run.name).get("config", {}), run.settings)
+        record = recorded(study_dir / run.name)
+        changed = changed_settings(record.get("config", {}), run.settings) + changed_adapter(record, run.settings)
         if changed:
             raise ToolError(
                 f"study {name}: {run.name} was started with other settings ({', '.join(changed)}); "

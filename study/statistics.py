@@ -14,6 +14,7 @@ from typing import Any
 from scipy import stats
 
 from pipeline.summary import format_value, lookup, method_name
+from utils import peft_arm_name
 
 Run = dict[str, Any]
 CONFIDENCE = 0.95
@@ -52,7 +53,10 @@ def pool(values: list[float | None]) -> Pooled | None:
 
 
 def arm_name(run: Run) -> str:
-    """The arm a run belongs to: base, full, or a LoRA-family method with its rank (lora-r8, dora-r4, ...)."""
+    """The arm a run belongs to: base, full, a LoRA-family method with its rank (lora-r8, dora-r4, ...), or a peft
+    arm's name (its config's file or folder, as the study names it)."""
+    if run["mode"] == "peft":
+        return peft_arm_name(run["config"]["peft_config"])
     method = run.get("method") or method_name(run["mode"], run.get("config", {}))
     return f"{method}-r{run['config']['lora_rank']}" if run["mode"] == "lora" else method
 

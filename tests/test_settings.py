@@ -24,7 +24,7 @@ def flags(command: str) -> set[str]:
     return {a.dest for a in sub.choices[command]._actions if a.dest != "help"}
 
 
-@pytest.mark.parametrize("command", ["full", "lora", "evaluate"])
+@pytest.mark.parametrize("command", ["full", "lora", "peft", "evaluate"])
 def test_every_flag_of_a_run_is_a_declared_setting_of_its_command(command):
     assert all(kind in KINDS for kind in SETTING_KINDS.values())
     declared = {name for name, commands in SETTING_COMMANDS.items() if command in commands}

@@ -21,8 +21,9 @@ from pipeline.run_directory import take_lock
 from study.report import comparable_sets, differences
 from study.statistics import rate_text
 
-ARMS = ("base", "full", "lora-r2", "lora-r4")
+ARMS = ("base", "full", "lora-r2", "lora-r4", "ia3")
 ROOT = Path(__file__).resolve().parents[1]
+IA3 = ROOT / "docs" / "peft-configs" / "ia3.json"
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def study(common_flags: list[str], tmp_path_factory: pytest.TempPathFactory) -> 
     out = tmp_path_factory.mktemp("studies")
     argv = [
         *("study", *common_flags, "--output_dir", str(out), "--study_name", "tiny"),
-        *("--arms", "base,full,lora", "--lora_ranks", "2,4", "--max_steps", "4", "--logging_steps", "2"),
+        *("--arms", f"base,full,lora,peft:{IA3}", "--lora_ranks", "2,4", "--max_steps", "4", "--logging_steps", "2"),
         *("--eval_examples", "3"),
     ]
     assert cli.main(argv) == 0
@@ -44,9 +45,11 @@ def results(run_dir: Path) -> dict:
 def test_a_study_runs_every_arm_as_an_ordinary_run_with_each_methods_defaults(study):
     runs = {arm: results(study["dir"] / arm) for arm in ARMS}
     assert all(r["status"] == "finished" for r in runs.values())
-    assert [runs[a]["mode"] for a in ARMS] == ["base", "full", "lora", "lora"]
+    assert [runs[a]["mode"] for a in ARMS] == ["base", "full", "lora", "lora", "peft"]
+    assert runs["ia3"]["method"] == "ia3" and runs["ia3"]["adapter_config"]["feedforward_modules"] == ["mlp.c_proj"]
     assert (runs["lora-r2"]["config"]["lora_rank"], runs["lora-r4"]["config"]["lora_rank"]) == (2, 4)
     assert runs["full"]["config"]["learning_rate"] == 1e-5 and runs["lora-r2"]["config"]["learning_rate"] == 1e-4
+    assert runs["ia3"]["config"]["learning_rate"] == 1e-4  # LoRA's default, for every adapter
     assert runs["full"]["config"]["weight_decay"] == 0.01 and runs["lora-r4"]["config"]["weight_decay"] == 0
     assert all(r["optimizer_steps"] == 4 and r["metrics"]["num_examples"] == 3 for a, r in runs.items() if a != "base")
     assert runs["lora-r4"]["trainable_params"] == 2 * runs["lora-r2"]["trainable_params"]
@@ -68,7 +71,8 @@ def test_the_report_names_valid_png_figures_beside_it(study):
     assert "Different between the columns:" in report and "learning_rate" in report
     every = json.loads((study["dir"] / "comparison.json").read_text())
     (one_set,) = every["sets"]
-    assert [r["label"] for r in one_set["runs"]] == ["base (base)", "full (full)", "lora (lora-r2)", "lora (lora-r4)"]
+    labels = ["base (base)", "full (full)", "lora (lora-r2)", "lora (lora-r4)", "ia3 (ia3)"]
+    assert [r["label"] for r in one_set["runs"]] == labels
     assert one_set["runs"][1]["test_perplexity"] == results(study["dir"] / "full")["test_perplexity"]
 
 
