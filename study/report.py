@@ -143,9 +143,11 @@ def comparable_sets(runs: list[Run]) -> list[list[Run]]:
 
 def with_forgetting_change(runs: list[Run]) -> list[Run]:
     """Each run with `forgetting_loss_change`: its forgetting loss minus the base column's (the model it started
-    from, measured on the same blocks), when both were measured."""
-    base = next((r for r in runs if r["mode"] == "base" and r.get("forgetting_loss") is not None), None)
+    from, measured on the same blocks: the base of its own seed, which a --from_scratch start depends on), when
+    both were measured."""
+    bases = {r["config"].get("seed"): r for r in runs if r["mode"] == "base" and r.get("forgetting_loss") is not None}
     for run in runs:
+        base = bases.get(run["config"].get("seed")) or next(iter(bases.values()), None)
         if base and run.get("forgetting_loss") is not None:
             run["forgetting_loss_change"] = run["forgetting_loss"] - base["forgetting_loss"]
     return runs
@@ -415,7 +417,7 @@ def study_report(study_dir: Path, runs: list[Run]) -> str:
     side as `compare` shows runs. Writes report.md, study.json and the comparison files; returns the text printed."""
     from study import figures
 
-    arms = statistics.choose_rates(runs)
+    arms = statistics.choose_rates(with_forgetting_change(runs))
     chosen = [r for a in arms if a.chosen for r in a.chosen.runs]
     figures.plot_learning_rates(arms, study_dir / "learning_rates.png")
     sections = study_sections(arms, runs)
