@@ -181,13 +181,14 @@ def match_existing(study_dir: Path, planned: list[Planned]) -> None:
     existing = {}
     for path in sorted(study_dir.glob("*/results.json")):
         results = recorded(path.parent)
-        if results.get("mode") in ("base", "full", "lora", "peft"):
+        # a run stopped before its settings were recorded has no arm yet: it is found again by its name
+        if results.get("mode") in ("base", "full", "lora", "peft") and "config" in results:
             existing.setdefault((arm_name(results), learning_rate(results), seed(results)), path.parent.name)
     for run in planned:
         run.settings = replace(run.settings, run_name=existing.get(run.key, run.name))
 
 
-# A swept arm's runs train with --eval_examples 0 and generate in runs of their own: not a difference of setting.
+# A swept arm's runs train with --eval_examples 0 and generate in runs of their own: for them, not a difference.
 NOT_CHECKED = ("eval_examples",)
 
 
@@ -198,7 +199,7 @@ def changed_settings(config: dict, expected: RunSettings) -> list[str]:
         for key, value in expected.to_config().items()
         if key in config
         and SETTING_KINDS[key] != "bookkeeping"
-        and key not in NOT_CHECKED
+        and not (key in NOT_CHECKED and expected.eval_examples == 0)
         and json.dumps(canonical(key, config[key])) != json.dumps(canonical(key, value))
     ]
 

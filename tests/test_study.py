@@ -235,6 +235,7 @@ def test_a_sweep_with_seeds_runs_piecewise_chooses_on_validation_and_generates_o
         (["--learning_rate", "1e-4", "--lr_sweep", "3"], "give one of --learning_rate and --lr_sweep"),
         (["--jobs", "4096"], "--jobs 4096: more runs at once than"),
         (["--only", "3"], "--only 3: the study has runs 0 to 2 now"),
+        (["--learning_rates", "full=1.001e-4,1.002e-4"], "equal to 3 significant digits would share a run"),
     ],
 )
 def test_bad_study_input_is_one_error_line_before_anything_runs(flags, says, tmp_path, capsys, monkeypatch):
@@ -262,3 +263,14 @@ def test_a_run_another_process_holds_is_waited_for_not_run_twice(tmp_path, capsy
     timer.join()
     printed = capsys.readouterr().out
     assert "full is running in another process; waiting for it" in printed and "python main.py" not in printed
+
+
+def test_a_study_part_without_a_name_and_a_run_stopped_before_its_settings_were_recorded(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["study", "--output_dir", str(tmp_path), "--list"])
+    assert exit_info.value.code == 2 and "--list and --only need --study_name" in capsys.readouterr().err
+    stopped = tmp_path / "s" / "lora-r4"  # killed while its data was prepared: no config yet
+    stopped.mkdir(parents=True)
+    (stopped / "results.json").write_text(json.dumps({"status": "running", "mode": "lora", "started_at": "t"}))
+    assert cli.main(["study", "--output_dir", str(tmp_path), "--study_name", "s", "--list"]) == 0
+    assert "lora-r4" in capsys.readouterr().out
