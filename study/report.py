@@ -463,6 +463,24 @@ def pooled_table(arms: list[statistics.Arm]) -> str:
     return tabulate(rows, headers=["Metric", *[a.name for a in arms]], tablefmt="github", disable_numparse=True)
 
 
+# What a study's runs must share for their figures to be pooled and paired: what groups runs in `compare` (but the
+# generation examples, which a swept run trains without), and what they were measured on.
+MEASURED_ALIKE = (*(k for k in GROUPED if k != "eval_examples"), "world_size", "gpus_per_process", *HARDWARE)
+
+
+def mixed_measurement_note(runs: list[Run]) -> list[str]:
+    """A warning when the study's runs were not all measured alike (a study continued on another machine, or array
+    tasks on different nodes): its pooled figures, choices and intervals then mix them."""
+    differ = [k for k in MEASURED_ALIKE if len({json.dumps(settings(r).get(k), default=str) for r in runs}) > 1]
+    if not differ:
+        return []
+    return [
+        "",
+        f"**Warning: this study's runs differ in {', '.join(differ)}** (see the settings below): the pooled figures, "
+        "the chosen rates and the intervals mix runs that were not measured alike.",
+    ]
+
+
 def study_sections(arms: list[statistics.Arm], runs: list[Run]) -> list[str]:
     """The study's own part of the report, as Markdown lines."""
     seeds = sorted({statistics.seed(r) for r in runs} - {None})
@@ -470,6 +488,7 @@ def study_sections(arms: list[statistics.Arm], runs: list[Run]) -> list[str]:
     swept = any(len(a.rates) > 1 for a in trained)
     lines = ["", "## Each arm at its chosen learning rate", "", pooled_table(arms)]
     lines += busy_note([r for a in arms if a.chosen for r in a.chosen.runs])
+    lines += mixed_measurement_note(runs)
     lines += [
         "",
         f"Each trained arm's learning rate is the one with the lowest final validation loss (`val_loss`), the mean "

@@ -148,3 +148,13 @@ def test_the_study_report_shows_each_arm_at_its_chosen_rate_with_spread_and_the_
         image.verify()
     record = json.loads((tmp_path / "study.json").read_text())
     assert [a["chosen_learning_rate"] for a in record["arms"]] == [None, 3e-5, 1e-3]
+
+
+def test_a_study_whose_runs_were_measured_on_different_devices_says_so():
+    from study.report import mixed_measurement_note
+
+    cpu = {"mode": "full", "config": {"seed": 1}, "precision": "fp32", "environment": {"device": "cpu"}}
+    gpu = {"mode": "full", "config": {"seed": 2}, "precision": "bf16", "environment": {"device": "cuda", "gpu": "H100"}}
+    assert mixed_measurement_note([cpu, cpu | {"config": {"seed": 2}}]) == []
+    (note,) = [line for line in mixed_measurement_note([cpu, gpu]) if line]
+    assert "differ in precision, device, gpu" in note
