@@ -98,11 +98,15 @@ def arm_names(text: str) -> list[str]:
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"arms are {','.join(ARMS)} and peft:CONFIG; got {text}")
     if any(n.startswith("peft:") for n in names):
+        from lora_finetuning import load_peft_config
         from study.runner import peft_arm_names
 
+        paths = [n.removeprefix("peft:") for n in names if n.startswith("peft:")]
         try:
-            peft_arm_names([n.removeprefix("peft:") for n in names if n.startswith("peft:")])
-        except ValueError as e:
+            peft_arm_names(paths)
+            for path in paths:  # PEFT's own reading: an unknown type or bad value is refused before any arm runs
+                load_peft_config(path)
+        except (ValueError, ToolError) as e:
             raise argparse.ArgumentTypeError(str(e)) from None
     return names
 

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -32,6 +33,7 @@ from utils import CONCURRENT_RUNS_VARIABLE, RunInterrupted, ToolError, peft_arm_
 MAIN = Path(__file__).resolve().parents[1] / "main.py"
 LORA_VARIANTS = {"lora": {}, "dora": {"use_dora": True}, "rslora": {"use_rslora": True}}
 HALF_DECADE = 10**0.5
+RESERVED_ARM_NAMES = r"base|full|(lora|dora|rslora)(-r\d+)?"  # what a peft: arm may not be named
 POLL_S = 1.0  # how often the study looks at runs it waits for
 DIVERGED = "the training loss became"  # how a run that stopped on a non-finite loss records its error
 
@@ -88,7 +90,11 @@ def peft_arm_names(paths: list[str]) -> list[str]:
             raise ValueError(f"peft:{path}: not a readable JSON file ({e})") from None
         if not isinstance(config, dict) or not config.get("peft_type"):
             raise ValueError(f"peft:{path}: not a PEFT config (it has no peft_type)")
-    return [peft_arm_name(path) for path in paths]
+    names = [peft_arm_name(path) for path in paths]
+    for path, name in zip(paths, names, strict=True):
+        if re.fullmatch(RESERVED_ARM_NAMES, name):
+            raise ValueError(f"peft:{path}: its arm would be named {name}, as the study names its own arms; rename it")
+    return names
 
 
 def arms(study: StudySettings) -> list[tuple[str, str, dict]]:
