@@ -19,7 +19,6 @@ import main as cli
 from lora_finetuning import add_lora_adapters
 from pipeline.run_directory import take_lock
 from study.report import comparable_sets, differences
-from study.statistics import rate_text
 
 ARMS = ("base", "full", "lora-r2", "lora-r4", "ia3")
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,55 +173,6 @@ def test_the_quick_start_runs_share_one_table_however_their_flags_were_typed(tmp
     differ = differences(only)[1]
     assert "epochs" not in differ and "model" not in differ and "lora_alpha" not in differ
     assert set(differ) == {"method", "learning_rate", "weight_decay"}
-
-
-def test_a_sweep_with_seeds_runs_piecewise_chooses_on_validation_and_generates_only_at_the_chosen_rates(
-    common_flags, tmp_path, capfd
-):
-    """Two rates per method, two seeds: `--list`/`--only` run the training as a job array would, two at a time; the
-    plain command with --jobs 2 then generates at each arm's chosen rate and writes the report; again, it runs
-    nothing and writes the same report."""
-    argv = [
-        *("study", *common_flags, "--output_dir", str(tmp_path), "--study_name", "sweep", "--arms", "full,lora"),
-        *("--lora_ranks", "2", "--learning_rates", "full=1e-3,3e-3", "lora=3e-3,1e-2", "--seeds", "1,2"),
-        *("--max_steps", "2", "--eval_examples", "2"),
-    ]
-    capfd.readouterr()
-    assert cli.main([*argv, "--list"]) == 0
-    listed = [line.split("\t") for line in capfd.readouterr().out.splitlines() if "\t" in line]
-    assert [name for _, name, _ in listed][:3] == ["full-lr1e-3-s1", "full-lr1e-3-s2", "full-lr3e-3-s1"]
-    assert len(listed) == 8 and all(command.startswith("python main.py ") for _, _, command in listed)
-    for pair in (listed[i : i + 2] for i in range(0, 8, 2)):  # an array of one run per task, two tasks at a time
-        tasks = [subprocess.Popen([sys.executable, "main.py", *argv, "--only", i], cwd=ROOT) for i, _, _ in pair]
-        assert [task.wait() for task in tasks] == [0, 0]
-
-    assert cli.main([*argv, "--jobs", "2"]) == 0
-    study_dir = tmp_path / "sweep"
-    trained = {name: results(study_dir / name) for _, name, _ in listed}
-    chosen = {}
-    for arm in ("full", "lora-r2"):  # the lowest mean final validation loss over the two seeds
-        rates = {r["config"]["learning_rate"] for n, r in trained.items() if n.startswith(arm)}
-        mean = {rate: sum(r["val_loss"] for n, r in trained.items() if n.startswith(arm) and
-                          r["config"]["learning_rate"] == rate) / 2 for rate in rates}  # fmt: skip
-        chosen[arm] = min(mean, key=mean.get)
-    record = json.loads((study_dir / "study.json").read_text())
-    assert {a["arm"]: a["chosen_learning_rate"] for a in record["arms"]} == chosen
-    generated = sorted(p.name for p in study_dir.glob("*-generation"))
-    expected = [f"{arm}-lr{rate_text(rate)}-s{seed}-generation" for arm, rate in chosen.items() for seed in (1, 2)]
-    assert generated == sorted(expected)
-    for name in generated:  # the chosen run's own model, generating beside another run
-        generation = results(study_dir / name)
-        assert generation["metrics"]["num_examples"] == 2 and generation["concurrent_runs"] == 2
-        assert generation["test_loss"] == trained[name.removesuffix("-generation")]["test_loss"]
-    assert all(r["metrics"] is None for r in trained.values())
-    report = (study_dir / "report.md").read_text()
-    assert "Generation and its scores ran only for each arm's chosen rate (every seed)" in report
-    assert "(n=2)" in report and "paired by seed" in report
-
-    capfd.readouterr()
-    assert cli.main([*argv, "--jobs", "2"]) == 0
-    assert "python main.py" not in capfd.readouterr().out
-    assert (study_dir / "report.md").read_text() == report
 
 
 @pytest.mark.parametrize(
