@@ -435,8 +435,15 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
 
 
 def trained_results(study_dir: Path, planned: list[Planned]) -> list[dict]:
-    """Each planned run's results.json, with where it is now."""
-    return [recorded(study_dir / run.name) | {"run_dir": str(study_dir / run.name)} for run in planned]
+    """Each planned run's results.json, with where it is now. The base arm is the model the study's runs start from,
+    whatever `evaluate` recorded: a --model that a run of this tool saved is recorded as mode `saved`."""
+    found = []
+    for run in planned:
+        results = recorded(study_dir / run.name) | {"run_dir": str(study_dir / run.name)}
+        if run.arm == "base" and results.get("mode") == "saved":
+            results |= {"mode": "base", "trainable_params": 0}
+        found.append(results)
+    return found
 
 
 def report_runs(study_dir: Path, planned: list[Planned], generation: list[Planned]) -> list[dict]:
