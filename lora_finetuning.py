@@ -87,9 +87,7 @@ def add_peft_adapter(model: PreTrainedModel, config: PeftConfig, block_size: int
 
 
 def run(args: RunSettings) -> dict[str, Any]:
+    config = load_peft_config(args.peft_config) if args.command == "peft" else None  # a bad file fails first
     model, checkpoint_dtype = load_causal_lm(args.model, from_scratch=args.from_scratch)
-    if args.command == "peft":
-        model = add_peft_adapter(model, load_peft_config(args.peft_config), args.block_size)
-    else:
-        model = add_lora_adapters(model, args)
+    model = add_peft_adapter(model, config, args.block_size) if config else add_lora_adapters(model, args)
     return after_training(finetune(args, args.command, model, load_tokenizer(args.model), checkpoint_dtype))

@@ -98,11 +98,15 @@ def arm_names(text: str) -> list[str]:
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"arms are {','.join(ARMS)} and peft:CONFIG; got {text}")
     if any(n.startswith("peft:") for n in names):
+        from lora_finetuning import load_peft_config
         from study.runner import peft_arm_names
 
+        paths = [n.removeprefix("peft:") for n in names if n.startswith("peft:")]
         try:
-            peft_arm_names([n.removeprefix("peft:") for n in names if n.startswith("peft:")])
-        except ValueError as e:
+            peft_arm_names(paths)
+            for path in paths:  # PEFT's own reading: an unknown type or bad value is refused before any arm runs
+                load_peft_config(path)
+        except (ValueError, ToolError) as e:
             raise argparse.ArgumentTypeError(str(e)) from None
     return names
 
@@ -346,6 +350,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
         per_arm = [f"--{k}" for k in ("run_name", "resume") if getattr(args, k) is not None]
         if per_arm:
             parser.error(f"study sets {' and '.join(per_arm)} for each arm itself; rerun the same command to continue")
+        if (args.list or args.only is not None) and not args.study_name:  # each call would name a new study
+            parser.error("--list and --only need --study_name: every part of a study must name the same one")
         study_rate_errors(parser, args)
     return args
 
@@ -362,6 +368,11 @@ def study_rate_errors(parser: argparse.ArgumentParser, args: argparse.Namespace)
             parser.error(f"--learning_rates {method}=: {method} is not a trained arm of --arms {','.join(trained)}")
     if len(set(methods)) < len(methods):
         parser.error("--learning_rates: one list per method (and one plain list)")
+    from study.statistics import rate_text
+
+    for method, rates in args.learning_rates or []:  # a run's name holds its rate to 3 significant digits
+        if len({rate_text(r) for r in rates}) < len(rates):
+            parser.error(f"--learning_rates {method or ''}: rates equal to 3 significant digits would share a run")
 
 
 def leave_process_group() -> None:
@@ -402,9 +413,9 @@ def main(argv: list[str] | None = None) -> int:
             import lora_finetuning
             from pipeline import evaluation
             from pipeline.hub import resolve_sources
-            from pipeline.training import resolve_precision
+            from pipeline.training import check_runnable
 
-            resolve_precision(settings.precision)  # before anything is claimed or prepared
+            check_runnable(settings)  # before anything is claimed or prepared
             resolve_sources(settings)
             transformers.set_seed(settings.seed)
             recipes = {"full": full_finetuning, "lora": lora_finetuning, "peft": lora_finetuning}

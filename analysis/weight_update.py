@@ -167,6 +167,8 @@ def analyze_run(run_dir: Path, model: str | None = None) -> dict[str, Any]:
         for name, weight in tuned.items()
         if not torch.equal(weight, base_weights[name])  # the matrices the method touched
     }
+    if not matrices:
+        raise NoWeightUpdate(f"no linear weight changed (the {results.get('method', 'method')} adapter changes others)")
     shape = {
         "energy_share": ENERGY_SHARE,
         "intruder_top_k": INTRUDER_TOP_K,

@@ -87,7 +87,10 @@ def supports_chunked_loss(model: torch.nn.Module) -> bool:
     """Whether the chunked loss computes exactly this model's own loss: a plain-head causal LM, not wrapped for
     distribution or compilation (their forward must run through the wrapper), under a PEFT method that only
     replaces layers, if any."""
-    if isinstance(model, PeftModel) and model.active_peft_config.peft_type not in LAYER_PEFT_TYPES:
+    if isinstance(model, PeftModel) and (
+        model.active_peft_config.peft_type not in LAYER_PEFT_TYPES
+        or getattr(model.active_peft_config, "alora_invocation_tokens", None)  # aLoRA: offsets in PEFT's forward
+    ):
         return False
     lm = causal_lm(model)
     head = lm.get_output_embeddings() if isinstance(lm, PreTrainedModel) else None

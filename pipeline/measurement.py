@@ -88,6 +88,9 @@ def busy_cpu_seconds(cpus: list[int]) -> float:
     return total
 
 
+BUSY_SHARE = 0.1  # a run is busy when this share of its load samples saw others above the threshold
+
+
 class MachineLoad:
     """What else loaded the machine while the run worked, sampled every half second in a background thread on the
     main process: the CPU use of every other process on the CPUs this run may use (the machine's busy CPU time
@@ -151,11 +154,13 @@ class MachineLoad:
         count = len(cores)
         mean = sum(cores) / count
         peak = max(cores)
+        over = sum(c > self.threshold for c in cores)
         gpu_seen, previous = bool(self._gpus), self.previous
         if previous and previous.get("samples"):  # the sessions before a resume count too
             before = previous["samples"]
             mean = (mean * count + previous["other_cpu_cores_mean"] * before) / (count + before)
             peak = max(peak, previous["other_cpu_cores_max"])
+            over += previous.get("samples_over_threshold") or 0
             count += before
         gpu_others = max(others) if others else None
         if previous and previous.get("other_gpu_processes_max") is not None:
@@ -166,9 +171,11 @@ class MachineLoad:
             "cpus": len(self.cpus),
             "busy_threshold_cores": self.threshold,
             "samples": count,
+            "samples_over_threshold": over,
             "other_gpu_processes_max": gpu_others,
             "gpu_utilization_mean": sum(utilization) / len(utilization) if gpu_seen and utilization else None,
-            "busy": mean > self.threshold or bool(gpu_others),
+            # a share, not the mean: contention during training alone must show, however long generation took after
+            "busy": over >= BUSY_SHARE * count or bool(gpu_others),
         }
 
     def __exit__(self, *exc: object) -> None:

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
+from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import cached_file
 
 from pipeline.hub import load_error
 from utils import ToolError
@@ -47,12 +49,28 @@ def load_causal_lm(name: str, from_scratch: bool = False) -> tuple[PreTrainedMod
         stored = config.dtype or torch.float32  # from_config would follow it
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     else:
-        # dtype "auto" (transformers' default) says what the checkpoint holds, also when its config does not
-        model = _load("model", name, AutoModelForCausalLM.from_pretrained)
-        stored = model.dtype
-        model.to(torch.float32)
+        # Loaded as float32 directly: "auto" would first cast to the dtype the config names (rounding float32 weights
+        # whose config says bfloat16).
+        model = _load("model", name, AutoModelForCausalLM.from_pretrained, dtype=torch.float32)
+        stored = stored_dtype(name) or model.config.dtype or torch.float32
         model.config.dtype = torch.float32  # so that the saved model reloads as it trained
     return model, str(stored).removeprefix("torch.")
+
+
+SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+
+
+def stored_dtype(name: str) -> str | None:
+    """The dtype the checkpoint's weights are stored in (the first tensor of model.safetensors, local or in the Hub
+    cache); None for a sharded or other checkpoint (the config's dtype then stands for it)."""
+    try:
+        path = cached_file(name, "model.safetensors", _raise_exceptions_for_missing_entries=False)
+        if path is None:
+            return None
+        with safe_open(path, "pt") as weights:
+            return SAFETENSORS_DTYPES.get(weights.get_slice(next(iter(weights.keys()))).get_dtype())
+    except Exception:  # an unreadable file: the loader above would have said so
+        return None
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -118,14 +118,21 @@ class CheckedTrainer(LeanTrainingMixin, Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         with self.clock.timing("eval_time_s"):
             if self.forgetting is not None and metric_key_prefix == "eval":  # a validation, not the test split
-                output = self.evaluation_loop(
-                    self.get_eval_dataloader(self.forgetting),
-                    description="Forgetting",
-                    prediction_loss_only=True,
-                    metric_key_prefix="forgetting",
-                )
+                output = self.forgetting_loss()
                 self._forgetting_logs = {"forgetting_loss": output.metrics["forgetting_loss"]}
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+
+    def forgetting_loss(self):
+        """The evaluation of the forgetting blocks, on a copy of the random state: its data loader draws a seed, which
+        would otherwise move every later dropout mask (measuring forgetting would change the training)."""
+        devices = [self.args.device] if self.args.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            return self.evaluation_loop(
+                self.get_eval_dataloader(self.forgetting),
+                description="Forgetting",
+                prediction_loss_only=True,
+                metric_key_prefix="forgetting",
+            )
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "eval_loss" in logs:  # the validation's entry (and its metrics) carry the forgetting measured with it

@@ -30,6 +30,16 @@ from utils import CONCURRENT_RUNS_VARIABLE, MIB, RunInterrupted, ToolError, envi
 PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
+def check_runnable(args: RunSettings) -> None:
+    """What this machine and launch cannot run as asked, as a ToolError before anything is claimed or prepared."""
+    resolve_precision(args.precision)
+    processes = int(os.environ.get("WORLD_SIZE", "1")) * max(1, torch.cuda.device_count())
+    if args.eval_stride and args.eval_stride < args.block_size and processes > 1:
+        # The Trainer rescales each process's evaluation loss by tokens counted over all of them, and pads the last
+        # batch with repeated windows: exact for equal blocks, not for windows that score different counts.
+        raise ToolError("--eval_stride below --block_size is exact on one process and one GPU only; run it so")
+
+
 def resolve_precision(choice: str) -> str:
     """--precision for this machine (see choose_precision)."""
     cuda = torch.cuda.is_available()

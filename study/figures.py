@@ -245,11 +245,19 @@ def plot_learning_forgetting(runs: list[Run], labels: list[str], path: Path) -> 
         ax.plot(*zip(*path_points, strict=True), "o-", color=color[label], markersize=4, label=label)
         ax.annotate(label, path_points[-1], textcoords="offset points", xytext=(6, 6), fontsize=9)
     ax.margins(0.12)  # room for the labels of the outermost points
-    ax.set(
+    finish(
+        fig,
+        ax,
+        path,
         xlabel="forgetting loss: general English, not WikiText (nats/token; right = more forgotten)",
         ylabel="validation loss: WikiText (nats/token; down = more learned)",
         title="Learning against forgetting, each run from the base model to its end",
     )
+
+
+def finish(fig: plt.Figure, ax: plt.Axes, path: Path, **labels: str) -> None:
+    """Label a one-panel figure's axes, add its grid and legend, and save it."""
+    ax.set(**labels)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     save_png(fig, path)
@@ -290,12 +298,12 @@ def plot_update_spectrum(runs: list[Run], labels: list[str], ranks: list[int], p
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_formatter(ScalarFormatter())  # 1, 2, 4, ... rather than powers of 2
     ax.set_ylim(0, 1.02)
-    ax.set(
+    finish(
+        fig,
+        ax,
+        path,
         xlabel="rank r",
         ylabel="share of the update's energy in its top r directions",
         title="Full fine-tuning's weight update: energy against rank",
     )
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    save_png(fig, path)
     return True

@@ -55,6 +55,7 @@ LENGTH = tuple(n for n in names_of_kind("experiment", TRAINING) if n not in GROU
 UNRECORDED_DEFAULTS = {"lr_scheduler_type": "linear", "warmup_steps": 0}
 # What the run was measured on: time and memory compare only where these match, so a column that differs says so.
 HARDWARE = ("gpu", "gpu_count", "cpu_threads", "torch", "transformers", "peft")
+STUDY_RECORD = "study.json"  # in a study's directory: its choices, intervals and cost
 COLUMN_ORDER = ("base", "full", "lora", "rslora", "dora")
 FIGURES = (("Loss curves", "loss_curves"), ("Cost", "cost"), ("Quality", "quality"), ("Trade-off", "tradeoff"))
 
@@ -215,17 +216,21 @@ def busy_note(runs: list[Run]) -> list[str]:
     return ["", BUSY_NOTE + "."] if any(busy(r) for r in runs) else []
 
 
-def compare(output_dir: Path, include_all: bool = False, run_names: set[str] | None = None) -> str:
-    """Print the latest comparable set of finished runs (every set with `include_all`; the sets holding
-    `run_names` when given), and write comparison.md/.csv/.json and report.md with its figures."""
+def compare(output_dir: Path, include_all: bool = False) -> str:
+    """Print the latest comparable set of finished runs (every set with `include_all`), and write
+    comparison.md/.csv/.json and report.md with its figures; in a study's directory (study.json), only print: its
+    report is the study's (pooled seeds, chosen rates), which the study command writes again."""
     output_dir = Path(output_dir)
     sets = comparable_sets([r for r in read_runs(output_dir) if r.get("status") == "finished"])
-    if run_names:
-        sets = [s for s in sets if any(Path(r["run_dir"]).name in run_names for r in s)]
-    elif not include_all:
+    if not include_all:
         sets = sets[-1:]
     if not sets:
         return f"no finished runs under {output_dir}"
+    if (output_dir / STUDY_RECORD).is_file():
+        note = (
+            "(a study's directory: its report.md is left as the study wrote it; rerun the study command to rewrite it)"
+        )
+        return "\n\n".join([*(set_text(s) for s in sets), note])
     return write_comparison(output_dir, sets)
 
 
@@ -421,7 +426,7 @@ def study_report(study_dir: Path, runs: list[Run]) -> str:
     chosen = [r for a in arms if a.chosen for r in a.chosen.runs]
     figures.plot_learning_rates(arms, study_dir / "learning_rates.png")
     sections = study_sections(arms, runs)
-    atomic_write_json(study_dir / "study.json", study_record(arms, runs))
+    atomic_write_json(study_dir / STUDY_RECORD, study_record(arms, runs))
     table = write_comparison(study_dir, [columns(chosen)], sections) if chosen else ""
     if not chosen:
         atomic_write_text(study_dir / "report.md", "\n".join([f"# Report: {study_dir.name}", *sections]) + "\n")
@@ -458,6 +463,24 @@ def pooled_table(arms: list[statistics.Arm]) -> str:
     return tabulate(rows, headers=["Metric", *[a.name for a in arms]], tablefmt="github", disable_numparse=True)
 
 
+# What a study's runs must share for their figures to be pooled and paired: what groups runs in `compare` (but the
+# generation examples, which a swept run trains without), and what they were measured on.
+MEASURED_ALIKE = (*(k for k in GROUPED if k != "eval_examples"), "world_size", "gpus_per_process", *HARDWARE)
+
+
+def mixed_measurement_note(runs: list[Run]) -> list[str]:
+    """A warning when the study's runs were not all measured alike (a study continued on another machine, or array
+    tasks on different nodes): its pooled figures, choices and intervals then mix them."""
+    differ = [k for k in MEASURED_ALIKE if len({json.dumps(settings(r).get(k), default=str) for r in runs}) > 1]
+    if not differ:
+        return []
+    return [
+        "",
+        f"**Warning: this study's runs differ in {', '.join(differ)}** (see the settings below): the pooled figures, "
+        "the chosen rates and the intervals mix runs that were not measured alike.",
+    ]
+
+
 def study_sections(arms: list[statistics.Arm], runs: list[Run]) -> list[str]:
     """The study's own part of the report, as Markdown lines."""
     seeds = sorted({statistics.seed(r) for r in runs} - {None})
@@ -465,6 +488,7 @@ def study_sections(arms: list[statistics.Arm], runs: list[Run]) -> list[str]:
     swept = any(len(a.rates) > 1 for a in trained)
     lines = ["", "## Each arm at its chosen learning rate", "", pooled_table(arms)]
     lines += busy_note([r for a in arms if a.chosen for r in a.chosen.runs])
+    lines += mixed_measurement_note(runs)
     lines += [
         "",
         f"Each trained arm's learning rate is the one with the lowest final validation loss (`val_loss`), the mean "
@@ -532,8 +556,13 @@ def cost_text(cost: dict[str, Any]) -> str:
         f"{cost['runs']} runs"
         + (f" and {cost['generation_runs']} generation runs at the chosen rates" if cost["generation_runs"] else "")
         + f": {cost['train_time_s']:,.1f} s of training and {cost['generation_time_s']:,.1f} s of "
-        f"generation, {cost['device_hours']:,.4f} {cost['device_hours_unit']} (training and generation time x "
-        "the GPUs, or the CPU threads, each run used)."
+        + (
+            f"generation, {cost['device_hours']:,.4f} {cost['device_hours_unit']}"
+            if cost["device_hours"] is not None
+            else "generation, on different kinds of device: "
+            + " and ".join(f"{h:,.4f} {unit}" for unit, h in cost["device_hours_by_unit"].items())
+        )
+        + " (training and generation time x the GPUs, or the CPU threads, each run used)."
     )
     if cost["sweep_factor"]:
         text += f" The learning-rate sweep multiplied the device-hours by {cost['sweep_factor']:.2f}"

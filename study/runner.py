@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -32,6 +33,7 @@ from utils import CONCURRENT_RUNS_VARIABLE, RunInterrupted, ToolError, peft_arm_
 MAIN = Path(__file__).resolve().parents[1] / "main.py"
 LORA_VARIANTS = {"lora": {}, "dora": {"use_dora": True}, "rslora": {"use_rslora": True}}
 HALF_DECADE = 10**0.5
+RESERVED_ARM_NAMES = r"base|full|(lora|dora|rslora)(-r\d+)?"  # what a peft: arm may not be named
 POLL_S = 1.0  # how often the study looks at runs it waits for
 DIVERGED = "the training loss became"  # how a run that stopped on a non-finite loss records its error
 
@@ -88,7 +90,11 @@ def peft_arm_names(paths: list[str]) -> list[str]:
             raise ValueError(f"peft:{path}: not a readable JSON file ({e})") from None
         if not isinstance(config, dict) or not config.get("peft_type"):
             raise ValueError(f"peft:{path}: not a PEFT config (it has no peft_type)")
-    return [peft_arm_name(path) for path in paths]
+    names = [peft_arm_name(path) for path in paths]
+    for path, name in zip(paths, names, strict=True):
+        if re.fullmatch(RESERVED_ARM_NAMES, name):
+            raise ValueError(f"peft:{path}: its arm would be named {name}, as the study names its own arms; rename it")
+    return names
 
 
 def arms(study: StudySettings) -> list[tuple[str, str, dict]]:
@@ -181,13 +187,14 @@ def match_existing(study_dir: Path, planned: list[Planned]) -> None:
     existing = {}
     for path in sorted(study_dir.glob("*/results.json")):
         results = recorded(path.parent)
-        if results.get("mode") in ("base", "full", "lora", "peft"):
+        # a run stopped before its settings were recorded has no arm yet: it is found again by its name
+        if results.get("mode") in ("base", "full", "lora", "peft") and "config" in results:
             existing.setdefault((arm_name(results), learning_rate(results), seed(results)), path.parent.name)
     for run in planned:
         run.settings = replace(run.settings, run_name=existing.get(run.key, run.name))
 
 
-# A swept arm's runs train with --eval_examples 0 and generate in runs of their own: not a difference of setting.
+# A swept arm's runs train with --eval_examples 0 and generate in runs of their own: for them, not a difference.
 NOT_CHECKED = ("eval_examples",)
 
 
@@ -198,7 +205,7 @@ def changed_settings(config: dict, expected: RunSettings) -> list[str]:
         for key, value in expected.to_config().items()
         if key in config
         and SETTING_KINDS[key] != "bookkeeping"
-        and key not in NOT_CHECKED
+        and not (key in NOT_CHECKED and expected.eval_examples == 0)
         and json.dumps(canonical(key, config[key])) != json.dumps(canonical(key, value))
     ]
 
@@ -428,8 +435,15 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
 
 
 def trained_results(study_dir: Path, planned: list[Planned]) -> list[dict]:
-    """Each planned run's results.json, with where it is now."""
-    return [recorded(study_dir / run.name) | {"run_dir": str(study_dir / run.name)} for run in planned]
+    """Each planned run's results.json, with where it is now. The base arm is the model the study's runs start from,
+    whatever `evaluate` recorded: a --model that a run of this tool saved is recorded as mode `saved`."""
+    found = []
+    for run in planned:
+        results = recorded(study_dir / run.name) | {"run_dir": str(study_dir / run.name)}
+        if run.arm == "base" and results.get("mode") == "saved":
+            results |= {"mode": "base", "trainable_params": 0}
+        found.append(results)
+    return found
 
 
 def report_runs(study_dir: Path, planned: list[Planned], generation: list[Planned]) -> list[dict]:

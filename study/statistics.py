@@ -166,11 +166,11 @@ class Difference:
     @property
     def beyond_noise(self) -> bool | None:
         """Whether the interval excludes zero; None without an interval."""
-        return None if self.low is None else (self.low > 0 or self.high < 0)
+        return None if self.low is None else bool(self.low > 0 or self.high < 0)
 
     def verdict(self) -> str:
         if self.beyond_noise is None:
-            return "one seed: no interval, the noise is unknown"
+            return "no interval (one seed, or no spread between seeds): the noise is unknown"
         side = "higher" if self.mean > 0 else "lower"
         if self.beyond_noise:
             return f"{side} than {self.reference}: the difference is larger than the noise"
@@ -193,13 +193,10 @@ def paired_difference(
         return None
     pooled = pool(pairs)
     low = high = None
-    if pooled.n > 1:
-        if pooled.std == 0:
-            low = high = pooled.mean
-        else:
-            low, high = stats.t.interval(
-                CONFIDENCE, pooled.n - 1, loc=pooled.mean, scale=pooled.std / math.sqrt(pooled.n)
-            )
+    if pooled.n > 1 and pooled.std > 0:  # identical differences (runs that are not really replicates): no interval
+        low, high = map(
+            float, stats.t.interval(CONFIDENCE, pooled.n - 1, loc=pooled.mean, scale=pooled.std / math.sqrt(pooled.n))
+        )
     return Difference(arm, reference_name, key, pooled.mean, low, high, pooled.n)
 
 
@@ -246,7 +243,9 @@ def study_cost(runs: list[Run], arms: list[Arm]) -> dict[str, Any]:
     the first seed."""
     hours = [device_hours(r) for r in runs]
     units = sorted({unit for _, unit in hours})
-    total = sum(h for h, _ in hours)
+    per_unit = {unit: sum(h for h, u in hours if u == unit) for unit in units}
+    # GPU-hours and CPU-core-hours do not add up: with both, the totals are per unit and the factors unknown
+    total = sum(per_unit.values()) if len(units) == 1 else None
     chosen = [r for a in arms if a.chosen for r in a.chosen.runs]
     chosen_hours = sum(device_hours(r)[0] for r in chosen)
     first = [a.chosen.runs[0] for a in arms if a.chosen]
@@ -257,8 +256,9 @@ def study_cost(runs: list[Run], arms: list[Arm]) -> dict[str, Any]:
         "train_time_s": sum(r.get("train_time_s") or 0 for r in runs),
         "generation_time_s": sum(r.get("generation_time_s") or 0 for r in runs),
         "device_hours": total,
-        "device_hours_unit": "+".join(units),
-        "sweep_factor": total / chosen_hours if chosen_hours else None,
-        "seeds_factor": chosen_hours / first_hours if first_hours else None,
+        "device_hours_unit": units[0] if total is not None else None,
+        "device_hours_by_unit": per_unit,
+        "sweep_factor": total / chosen_hours if total is not None and chosen_hours else None,
+        "seeds_factor": chosen_hours / first_hours if total is not None and first_hours else None,
         "seeds": sorted({seed(r) for r in runs if seed(r) is not None}),
     }

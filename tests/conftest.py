@@ -20,7 +20,16 @@ import main as cli
 
 # The files whose end-to-end runs take longest go first: with `-n auto` each worker takes a whole file (loadfile,
 # pyproject.toml) in this order, so the long ones run side by side rather than one of them last, alone.
-LONGEST_FIRST = ["test_study.py", "test_bench.py", "test_resilience.py", "test_hard_kills.py", "test_hub.py"]
+LONGEST_FIRST = [
+    "test_sweep.py",
+    "test_study.py",
+    "test_forgetting.py",
+    "test_bench.py",
+    "test_resilience.py",
+    "test_hard_kills.py",
+    "test_peft_methods.py",
+    "test_hub.py",
+]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -146,3 +146,13 @@ def test_the_default_dataset_is_read_from_a_warm_hub_cache_offline(common_flags,
     run = run_evaluate(common_flags, tmp_path, "--forgetting_dataset", f"{OWT_ID}@{OWT_REVISION}")
     assert run["forgetting_unavailable_reason"] is None and run["forgetting_loss"] > 0
     assert run["forgetting_eval_tokens"] == TOKENS // 32 * 32
+
+
+def test_measuring_forgetting_does_not_change_the_training(common_flags, prose_dir, study, tmp_path):
+    """The study's full run measured forgetting at steps 2 and 4; the same run without it trains the same model."""
+    argv = ["full", *common_flags, *QUICK, "--output_dir", str(tmp_path), "--run_name", "plain", "--max_steps", "4"]
+    assert cli.main([*argv, "--eval_steps", "2", "--logging_steps", "2", "--learning_rate", "3e-3"]) == 0
+    plain, measured = results(tmp_path / "plain"), results(study / "full")
+    assert plain["forgetting_loss"] is None and measured["forgetting_loss"] is not None
+    losses = [[e["loss"] for e in r["log_history"] if "loss" in e] for r in (plain, measured)]
+    assert losses[0] == losses[1] and plain["test_loss"] == measured["test_loss"]

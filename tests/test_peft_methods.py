@@ -69,7 +69,7 @@ def test_each_method_trains_saves_reloads_and_measures_as_peft_does(method, comm
 
     # The saved adapter, reloaded by PEFT, scores the validation blocks through PEFT's own forward as the run did.
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(args.model), tmp_path / "run" / "adapter")
-    _, data = load_packed_splits(args, load_tokenizer(args.model))
+    _, data, _ = load_packed_splits(args, load_tokenizer(args.model))
     blocks = [data["validation"][i] for i in range(len(data["validation"]))]
     with torch.no_grad():
         loss = reloaded.eval()(**{k: torch.stack([b[k] for b in blocks]) for k in ("input_ids", "labels")}).loss
@@ -131,7 +131,7 @@ def test_prompt_learning_generation_is_greedy_decoding_through_peft_forward(meth
     )
     tokenizer = load_tokenizer(str(tiny_model_dir))
     prompts = ["The army", "The river was built by the king in", "The church was"]
-    hypotheses = generate_continuations(model, tokenizer, prompts, [16] * 3, num_beams=1, batch_size=4)
+    hypotheses, _ = generate_continuations(model, tokenizer, prompts, [16] * 3, num_beams=1, batch_size=4)
     no_repeat = NoRepeatNGramLogitsProcessor(2)
     for prompt, hypothesis in zip(prompts, hypotheses, strict=True):
         tokens = tokenizer(prompt, return_tensors="pt")["input_ids"]

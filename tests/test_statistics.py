@@ -148,3 +148,28 @@ def test_the_study_report_shows_each_arm_at_its_chosen_rate_with_spread_and_the_
         image.verify()
     record = json.loads((tmp_path / "study.json").read_text())
     assert [a["chosen_learning_rate"] for a in record["arms"]] == [None, 3e-5, 1e-3]
+
+
+def test_a_study_whose_runs_were_measured_on_different_devices_says_so():
+    from study.report import mixed_measurement_note
+
+    cpu = {"mode": "full", "config": {"seed": 1}, "precision": "fp32", "environment": {"device": "cpu"}}
+    gpu = {"mode": "full", "config": {"seed": 2}, "precision": "bf16", "environment": {"device": "cuda", "gpu": "H100"}}
+    assert mixed_measurement_note([cpu, cpu | {"config": {"seed": 2}}]) == []
+    (note,) = [line for line in mixed_measurement_note([cpu, gpu]) if line]
+    assert "differ in precision, device, gpu" in note
+
+
+def test_the_study_base_arm_is_the_base_even_when_its_model_is_a_saved_run(tmp_path):
+    """A study of a model this tool saved: `evaluate` records that model as mode `saved`; the study's base arm is
+    still the base its runs start from (base column, forgetting change, differences against it)."""
+    import main as cli
+    from pipeline.settings import RunSettings
+    from study.runner import StudySettings, planned_runs, trained_results
+
+    args = cli.build_parser().parse_args(["study", "--arms", "base,full", "--study_name", "s"])
+    planned = planned_runs(StudySettings.from_flags(args), RunSettings.from_flags(args), tmp_path)
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "results.json").write_text(json.dumps({"mode": "saved", "trainable_params": 7, "config": {}}))
+    base, full = trained_results(tmp_path, planned)
+    assert (base["mode"], base["trainable_params"]) == ("base", 0) and full == {"run_dir": str(tmp_path / "full")}
