@@ -441,7 +441,7 @@ def trained_results(study_dir: Path, planned: list[Planned]) -> list[dict]:
     for run in planned:
         results = recorded(study_dir / run.name) | {"run_dir": str(study_dir / run.name)}
         if run.arm == "base" and results.get("mode") == "saved":
-            results |= {"mode": "base", "trainable_params": 0}
+            results |= {"mode": "base", "method": "base", "trainable_params": 0}
         found.append(results)
     return found
 

@@ -172,4 +172,5 @@ def test_the_study_base_arm_is_the_base_even_when_its_model_is_a_saved_run(tmp_p
     (tmp_path / "base").mkdir()
     (tmp_path / "base" / "results.json").write_text(json.dumps({"mode": "saved", "trainable_params": 7, "config": {}}))
     base, full = trained_results(tmp_path, planned)
-    assert (base["mode"], base["trainable_params"]) == ("base", 0) and full == {"run_dir": str(tmp_path / "full")}
+    assert (base["mode"], base["method"], base["trainable_params"]) == ("base", "base", 0)
+    assert full == {"run_dir": str(tmp_path / "full")}
