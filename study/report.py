@@ -230,17 +230,22 @@ def compare(output_dir: Path, include_all: bool = False) -> str:
         note = (
             "(a study's directory: its report.md is left as the study wrote it; rerun the study command to rewrite it)"
         )
-        return "\n\n".join([*(set_text(s) for s in sets), note])
+        return f"{sets_text(sets)}\n\n{note}"
     return write_comparison(output_dir, sets)
+
+
+def sets_text(sets: list[list[Run]]) -> str:
+    """Each set's table with what differs below it, numbered when there are several."""
+    texts = [set_text(s) for s in sets]
+    if len(sets) > 1:
+        texts = [f"Set {i} of {len(sets)}\n\n{text}" for i, text in enumerate(texts, 1)]
+    return "\n\n".join(texts)
 
 
 def write_comparison(output_dir: Path, sets: list[list[Run]], preface: list[str] | None = None) -> str:
     """Write comparison.md/.csv/.json and report.md (`preface`, Markdown lines, after its title) for `sets`;
     return the tables' text."""
-    texts = [set_text(s) for s in sets]
-    if len(sets) > 1:
-        texts = [f"Set {i} of {len(sets)}\n\n{text}" for i, text in enumerate(texts, 1)]
-    text = "\n\n".join(texts)
+    text = sets_text(sets)
     atomic_write_text(output_dir / "comparison.md", text + "\n")
     buffer = io.StringIO()
     for i, runs in enumerate(sets):

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-import signal
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -139,26 +135,6 @@ def test_a_tracker_that_is_not_installed_is_named_before_anything_runs(capsys):
         cli.main(["study", "--report_to", missing[0]])
     assert exit_info.value.code == 2
     assert f"{missing[0]} is not installed; pip install {missing[0]}" in capsys.readouterr().err
-
-
-def test_a_stopped_study_says_how_to_go_on_and_the_same_command_finishes_it(common_flags, tmp_path):
-    argv = [sys.executable, "main.py", "study", *common_flags, "--output_dir", str(tmp_path), "--study_name", "s"]
-    # 60 steps: the run is still going (tens of ms a step) when the signal lands after the first checkpoint
-    argv += ["--arms", "full", "--max_steps", "60", "--save_steps", "3", "--eval_examples", "0"]
-    study = subprocess.Popen(argv, cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    record = tmp_path / "s" / "full" / "results.json"
-    while study.poll() is None and "checkpoint" not in (record.read_text() if record.is_file() else ""):
-        time.sleep(0.05)
-    study.send_signal(signal.SIGTERM)
-    assert study.wait(timeout=120) == 130
-    assert "stopped during full; rerun the same command with --study_name s to continue" in study.stderr.read()
-    assert results(tmp_path / "s" / "full")["status"] == "interrupted"
-
-    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert "--resume" in done.stdout
-    finished = results(tmp_path / "s" / "full")
-    assert finished["status"] == "finished" and finished["optimizer_steps"] == 60
 
 
 def test_the_quick_start_runs_share_one_table_however_their_flags_were_typed(tmp_path):

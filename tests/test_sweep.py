@@ -1,11 +1,14 @@
-"""A learning-rate sweep with seeds, end to end: run piecewise as a job array would, the rate chosen on validation,
-generation only at the chosen rates (its own file: its dozen processes then run beside the other study tests)."""
+"""Studies as processes: a learning-rate sweep with seeds run piecewise as a job array would (the rate chosen on
+validation, generation only at the chosen rates), and a study stopped by a signal and continued. A file of their
+own: their many processes then run beside the other study tests."""
 
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import main as cli
@@ -65,3 +68,23 @@ def test_a_sweep_with_seeds_runs_piecewise_chooses_on_validation_and_generates_o
     assert cli.main([*argv, "--jobs", "2"]) == 0
     assert "python main.py" not in capfd.readouterr().out
     assert (study_dir / "report.md").read_text() == report
+
+
+def test_a_stopped_study_says_how_to_go_on_and_the_same_command_finishes_it(common_flags, tmp_path):
+    argv = [sys.executable, "main.py", "study", *common_flags, "--output_dir", str(tmp_path), "--study_name", "s"]
+    # 60 steps: the run is still going (tens of ms a step) when the signal lands after the first checkpoint
+    argv += ["--arms", "full", "--max_steps", "60", "--save_steps", "3", "--eval_examples", "0"]
+    study = subprocess.Popen(argv, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    record = tmp_path / "s" / "full" / "results.json"
+    while study.poll() is None and "checkpoint" not in (record.read_text() if record.is_file() else ""):
+        time.sleep(0.05)
+    study.send_signal(signal.SIGTERM)
+    assert study.wait(timeout=120) == 130
+    assert "stopped during full; rerun the same command with --study_name s to continue" in study.stderr.read()
+    assert results(tmp_path / "s" / "full")["status"] == "interrupted"
+
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "--resume" in done.stdout
+    finished = results(tmp_path / "s" / "full")
+    assert finished["status"] == "finished" and finished["optimizer_steps"] == 60
