@@ -26,6 +26,7 @@ from pathlib import Path
 
 from pipeline.run_directory import is_locked
 from pipeline.settings import METHOD_DEFAULTS, SETTING_KINDS, RunSettings
+from pipeline.summary import busy
 from study.report import NOT_ADAPTER_SETTINGS, canonical, study_report
 from study.statistics import arm_name, choose_rates, learning_rate, rate_text, seed
 from utils import CONCURRENT_RUNS_VARIABLE, RunInterrupted, ToolError, peft_arm_name, peft_config_file, timestamp
@@ -354,7 +355,7 @@ def execute(
             if stopped or failed:
                 pending.clear()  # start nothing more; wait for the running ones to stop
             for run in list(pending):
-                if not slots:
+                if not slots or stopped:  # a signal while this loop starts runs: start no more
                     break
                 run_dir = study_dir / run.name
                 if done(recorded(run_dir)):
@@ -371,7 +372,11 @@ def execute(
                 argv = run.argv(parser) + (["--resume"] if run_dir.exists() else [])
                 print(f"study {name}: {run.name}: python main.py {shlex.join(argv)}", flush=True)
                 slot = slots.pop(0)
-                running[launcher.start(argv, slot)] = (run, slot)
+                child = launcher.start(argv, slot)
+                running[child] = (run, slot)
+                if stopped:  # the signal came while this run was being started: it stops too
+                    stopped.append(run.name)
+                    child.send_signal(signal.SIGTERM)
             if pending or running:
                 time.sleep(POLL_S)
     finally:
@@ -457,4 +462,6 @@ def report_runs(study_dir: Path, planned: list[Planned], generation: list[Planne
         trained["generations_csv"] = str(study_dir / run.name / "generations.csv")
         trained["generation_run"] = run.name
         trained["config"] = trained["config"] | {"eval_examples": generated["config"]["eval_examples"]}
+        if busy(generated):  # its generation figures were taken on a busy machine: the run's figures carry the mark
+            trained["machine_load"] = (trained.get("machine_load") or {}) | {"busy": True}
     return list(runs.values())
