@@ -125,10 +125,10 @@ def arms(study: StudySettings) -> list[tuple[str, str, dict]]:
 
 
 def method_defaults(run: RunSettings) -> dict:
-    """The run's learning rate and weight decay: the study's when it set them, else its method's own; settings
-    its command does not take are None."""
+    """The run's learning rate and weight decay: the study's when it set them, else its method's own; none for a
+    run that trains nothing (its other training settings are left out of its config and command by its command)."""
     if run.command not in METHOD_DEFAULTS:
-        return {name: None for name in dataclasses.asdict(run) if not run.applies(name)}
+        return {"learning_rate": None, "weight_decay": None}
     rate, decay = METHOD_DEFAULTS[run.command]
     return {
         "learning_rate": run.learning_rate if run.learning_rate is not None else rate,
@@ -457,8 +457,8 @@ def report_runs(study_dir: Path, planned: list[Planned], generation: list[Planne
     for run in generation:
         generated = recorded(study_dir / run.name)
         trained = runs[run.generation_of]
-        trained.update({k: generated.get(k) for k in ("metrics", "generated_tokens", "generation_time_s")})
-        trained["generation_tokens_per_s"] = generated.get("generation_tokens_per_s")
+        figures = ("metrics", "generated_tokens", "generation_time_s", "generation_tokens_per_s")
+        trained.update({k: generated.get(k) for k in figures})
         trained["generations_csv"] = str(study_dir / run.name / "generations.csv")
         trained["generation_run"] = run.name
         trained["config"] = trained["config"] | {"eval_examples": generated["config"]["eval_examples"]}
