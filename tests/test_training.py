@@ -144,16 +144,24 @@ def test_a_finished_run_is_never_overwritten(trained_runs, common_flags, capsys)
     assert (trained_runs["full"] / "results.json").read_bytes() == before
 
 
-# Training losses of the shared fixture's runs (fixed seed, one thread): a refactor that moves them has changed what
-# the tool computes. Pinned from the code before the settings were typed (commit 4896fa6).
+# Training losses of the shared fixture's runs (fixed seed, one thread): a refactor that moves them has changed what the
+# tool computes. Pinned from the code before the settings were typed (commit 4896fa6).
 GOLDEN_LOSSES = {
     "full": {5: 5.490362167358398, 10: 5.072579956054687, 15: 4.7397613525390625, 20: 4.482852554321289},
     "lora": {5: 5.652821731567383, 10: 5.6324504852294925, 15: 5.632235336303711, 20: 5.622174835205078},
 }
+# CPUs round float sums differently (torch's kernel sets, MKL's code paths, thread counts). `python
+# bench/pinned_loss_spread.py` measured the largest gap to these losses at 6.2e-6 relative (LoRA on AVX2 kernels; full
+# 1.6e-7), the same on 1 and 2 threads and with MKL's other code path; on an AVX-512 CPU issue 23 saw 2.5e-6. The
+# tolerance is 8x that gap, and each real change it measured moves both methods' losses at least 9.9x past it: a
+# learning rate 1% higher 4.9e-4 (LoRA) and 1.7e-3 (full), one warm-up step 2.7e-3, residual dropout 0.1 -> 0.11
+# 6.2e-4, the loss counting one more token a block 3.1e-2.
+GOLDEN_RELATIVE_TOLERANCE = 5e-5
 
 
+@pytest.mark.pinned
 @pytest.mark.parametrize("method", ["full", "lora"])
-def test_the_fixed_seed_losses_of_a_few_steps_stay_exactly_where_they_were(trained_runs, method):
+def test_the_fixed_seed_losses_of_a_few_steps_stay_where_they_were_on_any_cpu(trained_runs, method):
     history = json.loads((trained_runs[method] / "results.json").read_text())["log_history"]
     losses = {e["step"]: e["loss"] for e in history if "loss" in e and e["step"] <= 20}
-    assert losses == pytest.approx(GOLDEN_LOSSES[method], rel=1e-6, abs=0)
+    assert losses == pytest.approx(GOLDEN_LOSSES[method], rel=GOLDEN_RELATIVE_TOLERANCE, abs=0)
