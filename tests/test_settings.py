@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import main as cli
-from pipeline.settings import KINDS, SETTING_COMMANDS, SETTING_KINDS, RunSettings
+from pipeline.settings import KINDS, METHOD_DEFAULTS, SETTING_COMMANDS, SETTING_KINDS, RunSettings
 from study.report import canonical, comparable_sets, compare, differences, measured_on
 from study.runner import StudySettings, planned_runs
 
@@ -56,7 +56,7 @@ def test_a_study_plans_each_arm_by_replacing_fields_of_the_shared_settings(tmp_p
     planned = {p.name: p.settings for p in planned_runs(study, RunSettings.from_flags(args), tmp_path)}
     assert list(planned) == ["base", "full", "dora-r2", "dora-r8"]
     assert planned["base"].command == "evaluate" and planned["base"].learning_rate is None
-    assert (planned["full"].learning_rate, planned["full"].weight_decay) == cli.METHOD_DEFAULTS["full"]
+    assert (planned["full"].learning_rate, planned["full"].weight_decay) == METHOD_DEFAULTS["full"]
     assert planned["dora-r8"].lora_rank == 8 and planned["dora-r8"].use_dora and not planned["dora-r8"].use_rslora
     assert {s.seed for s in planned.values()} == {5} and planned["dora-r2"].output_dir == str(tmp_path)
 

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 from transformers import AutoModelForCausalLM, integrations
 
+import command_line
 import main as cli
 from lora_finetuning import add_lora_adapters
 from pipeline.run_directory import take_lock
@@ -128,7 +129,7 @@ def test_a_dora_arm_on_all_linear_layers_trains_and_counts_parameters_as_peft(co
 
 
 def test_a_tracker_that_is_not_installed_is_named_before_anything_runs(capsys):
-    missing = [t for t in cli.TRACKERS[1:] if not getattr(integrations, f"is_{t}_available")()]
+    missing = [t for t in command_line.TRACKERS[1:] if not getattr(integrations, f"is_{t}_available")()]
     if not missing:
         pytest.skip("every tracker is installed here")
     with pytest.raises(SystemExit) as exit_info:
