@@ -101,7 +101,7 @@ def arm_names(text: str) -> list[str]:
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"arms are {','.join(ARMS)} and peft:CONFIG; got {text}")
     if any(n.startswith("peft:") for n in names):
-        from lora_finetuning import load_peft_config
+        from pipeline.adapters import load_peft_config
         from study.runner import peft_arm_names
 
         paths = [n.removeprefix("peft:") for n in names if n.startswith("peft:")]

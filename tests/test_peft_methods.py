@@ -12,7 +12,7 @@ from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 import main as cli
-from lora_finetuning import load_peft_config
+from pipeline.adapters import load_peft_config
 from pipeline.modeling import load_tokenizer
 from pipeline.training import load_packed_splits
 

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, integrations
 
 import command_line
 import main as cli
-from lora_finetuning import add_lora_adapters
+from pipeline.adapters import add_lora_adapters
 from pipeline.run_directory import take_lock
 from study.report import comparable_sets, differences
 
