@@ -7,11 +7,11 @@ import io
 import json
 import sys
 from pathlib import Path
-from statistics import mean, median
 from typing import Any
 
 from tabulate import tabulate
 
+from analysis.update_shape import update_shape_text
 from pipeline.hub import canonical_id
 from pipeline.settings import EVALUATE, SETTING_KINDS, TRAINING, is_local, names_of_kind
 from pipeline.summary import (
@@ -321,42 +321,9 @@ def write_report(output_dir: Path, sets: list[list[Run]], preface: list[str]) ->
     atomic_write_text(output_dir / "report.md", "\n".join(sections) + "\n")
 
 
-def energy_kept(singular_values: list[float], rank: int) -> float | None:
-    """The share of an update's energy that its best rank-`rank` approximation keeps (Eckart-Young)."""
-    energies = [s * s for s in singular_values]
-    return sum(energies[:rank]) / sum(energies) if sum(energies) else None
-
-
 def lora_ranks(runs: list[Run]) -> list[int]:
     """The LoRA ranks of the set's LoRA-family runs."""
     return sorted({r["config"]["lora_rank"] for r in runs if r["mode"] == "lora" and r["config"].get("lora_rank")})
-
-
-def by_module_type(shape: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    kinds: dict[str, list[dict[str, Any]]] = {}
-    for matrix in shape["matrices"].values():
-        kinds.setdefault(matrix["type"], []).append(matrix)
-    return kinds
-
-
-def update_shape_text(shape: dict[str, Any], who: str | None = None, ranks: list[int] = ()) -> str:
-    """Per module type: matrices, median 90%-energy rank (and of the largest rank possible), intruder dimensions per
-    matrix (mean, and the most in one matrix); with `ranks`, the median share of energy the best rank-r
-    approximation keeps at each."""
-    share = f"{shape['energy_share']:.0%}"
-    headers = [*(["run"] if who else []), "module", "matrices", f"median {share}-energy rank (of max)"]
-    headers += [f"median energy at rank {r}" for r in ranks]
-    headers += [f"intruder dims per matrix (top {shape['intruder_top_k']}, mean / max)"]
-    rows = []
-    for kind, matrices in by_module_type(shape).items():
-        ranks_90 = median(m["energy_rank_90"] for m in matrices)
-        kept = [median(energy_kept(m["singular_values"], r) or 0 for m in matrices) for r in ranks]
-        intruders = [m["intruder_dimensions"] for m in matrices]
-        row = [*([who] if who else []), kind, len(matrices), f"{ranks_90:g} (of {min(matrices[0]['shape'])})"]
-        row += [f"{k:.1%}" for k in kept]
-        row += [f"{mean(intruders):.2f} / {max(intruders)}"]
-        rows.append(row)
-    return tabulate(rows, headers=headers, tablefmt="github")
 
 
 def update_shape_section(runs: list[Run], names: list[str], figure: str | None) -> list[str]:
