@@ -15,7 +15,7 @@ import command_line
 import main as cli
 from pipeline.adapters import add_lora_adapters
 from pipeline.run_directory import take_lock
-from study.report import comparable_sets, differences
+from study.report import comparable_sets, replicate_columns, shared_and_differing_settings
 
 ARMS = ("base", "full", "lora-r2", "lora-r4", "ia3")
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,7 +150,7 @@ def test_the_quick_start_runs_share_one_table_however_their_flags_were_typed(tmp
         )  # fmt: skip
     (only,) = comparable_sets(runs)
     assert [r["mode"] for r in only] == ["base", "full", "lora"]
-    differ = differences(only)[1]
+    differ = shared_and_differing_settings(replicate_columns(only))[1]
     assert "epochs" not in differ and "model" not in differ and "lora_alpha" not in differ
     assert set(differ) == {"method", "learning_rate", "weight_decay"}
 
