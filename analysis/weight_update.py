@@ -110,12 +110,13 @@ def matrix_shape(base: torch.Tensor, tuned: torch.Tensor) -> dict[str, Any]:
     }
 
 
-def base_model(config: dict[str, Any], model: str) -> PreTrainedModel:
-    """The weights the run started from: `model` (its --model), or with --from_scratch the seeded random init that
-    training drew (main.py seeds with --seed, then the recipe builds the model before anything else draws)."""
+def base_model(config: dict[str, Any], model: str, revision: str | None) -> PreTrainedModel:
+    """The weights the run started from: `model` (its --model) at the Hub commit it loaded (`revision`), or with
+    --from_scratch the seeded random init that training drew (main.py seeds with --seed, then the recipe builds the
+    model before anything else draws)."""
     if config.get("from_scratch"):
         transformers.set_seed(config["seed"])
-    return load_causal_lm(model, from_scratch=bool(config.get("from_scratch")))[0]
+    return load_causal_lm(model, from_scratch=bool(config.get("from_scratch")), revision=revision)[0]
 
 
 def trained_weights(run_dir: Path, mode: str, base: PreTrainedModel) -> dict[str, torch.Tensor]:
@@ -159,7 +160,7 @@ def analyze_run(run_dir: Path, model: str | None = None) -> dict[str, Any]:
     write the figures into its results.json under `update_shape`, keeping every other key; return them."""
     results = check_run(run_dir)
     start = time.perf_counter()
-    base = base_model(results["config"], model or results["config"]["model"])
+    base = base_model(results["config"], model or results["config"]["model"], results.get("model_revision"))
     base_weights = projection_weights(base)
     tuned = trained_weights(run_dir, results["mode"], base)
     matrices = {

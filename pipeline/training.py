@@ -226,6 +226,7 @@ def run_record(
         if args.peft_config
         else None,
         "model": config["model"],
+        "model_revision": hub.model_revision(config["model"]),  # what `analyze` reloads the starting weights from
         "run_dir": str(run.path),
         "started_at": run.started_at or timestamp(),
         "resumed_from": str(run.checkpoint) if run.checkpoint else None,
