@@ -20,7 +20,31 @@ def leave_process_group() -> None:
         dist.destroy_process_group()
 
 
+def run_one(settings: RunSettings) -> None:
+    """`full`, `lora`, `peft` or `evaluate`: its flags checked, its sources found, seeded, then its recipe."""
+    import transformers
+
+    import full_finetuning
+    import lora_finetuning
+    from pipeline import evaluation
+    from pipeline.hub import resolve_sources
+    from pipeline.training import check_runnable
+
+    check_runnable(settings)  # before anything is claimed or prepared
+    resolve_sources(settings)
+    transformers.set_seed(settings.seed)
+    recipes = {"full": full_finetuning, "lora": lora_finetuning, "peft": lora_finetuning}
+    recipe = recipes.get(settings.command, evaluation)
+    try:
+        recipe.run(settings)
+    except RunInterrupted:  # every process stopped at the same step: leave together
+        leave_process_group()
+        raise
+    leave_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command `argv` names; its exit status (error lines on stderr)."""
     parser = build_parser()
     args = parse_args(parser, argv)
     try:
@@ -41,26 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
             analyze_saved_run(args.run_dir)
         else:
-            settings = RunSettings.from_flags(args)
-            import transformers
-
-            import full_finetuning
-            import lora_finetuning
-            from pipeline import evaluation
-            from pipeline.hub import resolve_sources
-            from pipeline.training import check_runnable
-
-            check_runnable(settings)  # before anything is claimed or prepared
-            resolve_sources(settings)
-            transformers.set_seed(settings.seed)
-            recipes = {"full": full_finetuning, "lora": lora_finetuning, "peft": lora_finetuning}
-            recipe = recipes.get(args.command, evaluation)
-            try:
-                recipe.run(settings)
-            except RunInterrupted:  # every process stopped at the same step: leave together
-                leave_process_group()
-                raise
-            leave_process_group()
+            run_one(RunSettings.from_flags(args))
     except RunInterrupted as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 130
