@@ -354,14 +354,9 @@ def write_report(output_dir: Path, sets: list[list[Run]], preface: list[str]) ->
         rows = [(k, setting_text(v)) for k, v in shared.items() if v is not None]
         sections += [tabulate(rows, ["setting", "value"], "github")]
         if differ:
-            column_labels = [column_label(c) for c in replicate_columns(runs)]
-            rows = [[k] + [setting_text(values.get(c)) for c in column_labels] for k, values in differ.items()]
-            sections += [
-                "",
-                "Different between the columns:",
-                "",
-                tabulate(rows, ["setting", *column_labels], "github"),
-            ]
+            shown = [column_label(c) for c in replicate_columns(runs)]
+            rows = [[k] + [setting_text(values.get(who)) for who in shown] for k, values in differ.items()]
+            sections += ["", "Different between the columns:", "", tabulate(rows, ["setting", *shown], "github")]
         paired = None if preface else paired_table(runs)
         sections += ["", f"{h} Differences, paired by seed", "", paired] if paired else []
     atomic_write_text(output_dir / "report.md", "\n".join(sections) + "\n")

@@ -1,8 +1,8 @@
-"""A study's runs pooled over seeds, each arm's learning rate chosen on validation, paired differences with their
-confidence interval, and the study's cost. Pure functions of results.json dicts (no torch, no files).
+"""Runs pooled over seeds (a study's arms, `compare`'s columns), each arm's learning rate chosen on validation, paired
+differences with their confidence interval, and the study's cost. Pure functions of results.json dicts (no torch, no
+files).
 
-The runs given are those of one study: they share every setting but the arm (method, rank), the learning rate and
-the seed.
+The runs of a study share every setting but the arm (method, rank), the learning rate and the seed.
 """
 
 from __future__ import annotations
