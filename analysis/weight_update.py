@@ -20,10 +20,10 @@ from peft import PeftModel
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
+from analysis.update_shape import energy_kept, update_shape_text
 from pipeline.hub import resolve_model
 from pipeline.modeling import load_causal_lm
 from pipeline.run_directory import read_results, write_results
-from study.report import update_shape_text
 from utils import ToolError, one_line
 
 ENERGY_SHARE = 0.9  # the rank that holds this share of the update's energy (squared Frobenius norm)
@@ -94,28 +94,29 @@ def matrix_shape(base: torch.Tensor, tuned: torch.Tensor) -> dict[str, Any]:
     """Every figure of one matrix's update `tuned - base` (both (out, in), float64)."""
     update = tuned - base
     values = singular_values(update).double()
-    cumulative = torch.cumsum(values**2, 0)
-    total = float(cumulative[-1])
+    stored = [float(f"{s:.6g}") for s in values.tolist()]
+    # from the values as stored, so that the report's energy at any rank, computed from them alike, agrees with these
+    kept = energy_kept(stored)
     ranks = [2**i for i in range(len(values).bit_length()) if 2**i <= len(values)]
     intruders = intruder_dimensions(base, tuned)
     return {
         "shape": list(update.shape),
         "relative_update_norm": float(update.norm() / base.norm()) if base.norm() > 0 else None,
-        "energy_rank_90": energy_rank(cumulative),
-        # the share of the update's energy the best rank-r approximation keeps (Eckart-Young), r a power of two
-        "energy_kept_at_rank": {str(r): float(cumulative[r - 1]) / total if total else None for r in ranks},
+        "energy_rank_90": energy_rank(torch.cumsum(values**2, 0)),
+        "energy_kept_at_rank": {str(r): kept[r - 1] for r in ranks},  # r a power of two
         "intruder_dimensions": len(intruders),
         "intruder_ranks": intruders,
-        "singular_values": [float(f"{s:.6g}") for s in values.tolist()],
+        "singular_values": stored,
     }
 
 
-def base_model(config: dict[str, Any], model: str) -> PreTrainedModel:
-    """The weights the run started from: `model` (its --model), or with --from_scratch the seeded random init that
-    training drew (main.py seeds with --seed, then the recipe builds the model before anything else draws)."""
+def base_model(config: dict[str, Any], model: str, revision: str | None) -> PreTrainedModel:
+    """The weights the run started from: `model` (its --model) at the Hub commit it loaded (`revision`), or with
+    --from_scratch the seeded random init that training drew (main.py seeds with --seed, then the recipe builds the
+    model before anything else draws)."""
     if config.get("from_scratch"):
         transformers.set_seed(config["seed"])
-    return load_causal_lm(model, from_scratch=bool(config.get("from_scratch")))[0]
+    return load_causal_lm(model, from_scratch=bool(config.get("from_scratch")), revision=revision)[0]
 
 
 def trained_weights(run_dir: Path, mode: str, base: PreTrainedModel) -> dict[str, torch.Tensor]:
@@ -159,7 +160,7 @@ def analyze_run(run_dir: Path, model: str | None = None) -> dict[str, Any]:
     write the figures into its results.json under `update_shape`, keeping every other key; return them."""
     results = check_run(run_dir)
     start = time.perf_counter()
-    base = base_model(results["config"], model or results["config"]["model"])
+    base = base_model(results["config"], model or results["config"]["model"], results.get("model_revision"))
     base_weights = projection_weights(base)
     tuned = trained_weights(run_dir, results["mode"], base)
     matrices = {

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import datasets
-from huggingface_hub import constants, get_session, try_to_load_from_cache
+from huggingface_hub import constants, get_session, resolve_revision, try_to_load_from_cache
 
 from pipeline.settings import RunSettings, is_local
 from utils import ToolError, one_line
@@ -84,6 +84,17 @@ def forgetting_hub_id(args: RunSettings) -> str | None:
     if args.from_scratch or args.forgetting_data_dir or not args.forgetting_dataset:
         return None
     return split_revision(args.forgetting_dataset)[0]
+
+
+def model_revision(name: str) -> str | None:
+    """The commit of Hub model `name` that loading it reads now (the Hub's default branch, or without the Hub the
+    one the local cache holds); None for a local path, or when neither can say."""
+    if is_local(name):
+        return None
+    try:
+        return resolve_revision(name, local_files_only=constants.HF_HUB_OFFLINE).resolved
+    except Exception:  # unknown repo, an empty cache, ...: the load itself said what went wrong
+        return None
 
 
 def check_hub() -> str | None:

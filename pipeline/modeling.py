@@ -37,22 +37,23 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_causal_lm(name: str, from_scratch: bool = False) -> tuple[PreTrainedModel, str]:
+def load_causal_lm(name: str, from_scratch: bool = False, revision: str | None = None) -> tuple[PreTrainedModel, str]:
     """Pretrained weights, or with `from_scratch` a random init of the same architecture (no weights needed), in
-    float32 whatever the checkpoint's dtype; and the checkpoint's own dtype (e.g. "bfloat16").
+    float32 whatever the checkpoint's dtype; and the checkpoint's own dtype (e.g. "bfloat16"). `revision`: a Hub
+    model's commit (default: its default branch).
 
     float32 master weights: AdamW's small updates round away in a half-precision weight, and transformers would load
     a half-precision checkpoint as it is stored. Mixed precision comes only from --precision (autocast).
     """
     if from_scratch:
-        config = _load("model config", name, AutoConfig.from_pretrained)
+        config = _load("model config", name, AutoConfig.from_pretrained, revision=revision)
         stored = config.dtype or torch.float32  # from_config would follow it
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     else:
         # Loaded as float32 directly: "auto" would first cast to the dtype the config names (rounding float32 weights
         # whose config says bfloat16).
-        model = _load("model", name, AutoModelForCausalLM.from_pretrained, dtype=torch.float32)
-        stored = stored_dtype(name) or model.config.dtype or torch.float32
+        model = _load("model", name, AutoModelForCausalLM.from_pretrained, dtype=torch.float32, revision=revision)
+        stored = stored_dtype(name, revision) or model.config.dtype or torch.float32
         model.config.dtype = torch.float32  # so that the saved model reloads as it trained
     return model, str(stored).removeprefix("torch.")
 
@@ -60,11 +61,11 @@ def load_causal_lm(name: str, from_scratch: bool = False) -> tuple[PreTrainedMod
 SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 
 
-def stored_dtype(name: str) -> str | None:
+def stored_dtype(name: str, revision: str | None = None) -> str | None:
     """The dtype the checkpoint's weights are stored in (the first tensor of model.safetensors, local or in the Hub
     cache); None for a sharded or other checkpoint (the config's dtype then stands for it)."""
     try:
-        path = cached_file(name, "model.safetensors", _raise_exceptions_for_missing_entries=False)
+        path = cached_file(name, "model.safetensors", revision=revision, _raise_exceptions_for_missing_entries=False)
         if path is None:
             return None
         with safe_open(path, "pt") as weights:

@@ -1,7 +1,7 @@
 """A run's settings, typed, each declaring what it is: the one place that says what makes runs comparable.
 
-The command line (main.py) holds every flag's default and help; `RunSettings.from_flags` turns its parse into this
-type once. A setting is one of:
+The command line (command_line.py) holds every flag's default and help; `RunSettings.from_flags` turns its parse into
+this type once. A setting is one of:
 - experiment: defines the experiment; runs share it to share a table,
 - replicate: a replicate key (the seed); runs that differ only in it are repeats of one setting,
 - swept: may differ between the columns of one table, and is listed when it does (learning rate, rank, ...),
@@ -30,7 +30,7 @@ METHOD_DEFAULTS = {"full": (1e-5, 0.01), "lora": (1e-4, 0.0), "peft": (1e-4, 0.0
 
 
 def setting(kind: Kind, commands: tuple[str, ...]) -> Any:
-    """A field of RunSettings: its kind and the commands that take it (no default: main.py's flags hold those)."""
+    """A field of RunSettings: its kind and the commands that take it (no default: command_line.py holds those)."""
     return field(metadata={"kind": kind, "commands": commands})
 
 

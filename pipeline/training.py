@@ -25,7 +25,16 @@ from pipeline.run_control import CheckedTrainer, StopOnSignal
 from pipeline.run_directory import RunDirectory, mark_failed, open_run, write_checkpoint_figures, write_results
 from pipeline.settings import TRAINING, RunSettings
 from pipeline.summary import method_name, plot_loss_curves, print_run_summary
-from utils import CONCURRENT_RUNS_VARIABLE, MIB, RunInterrupted, ToolError, environment_info, make_durable, timestamp
+from utils import (
+    CONCURRENT_RUNS_VARIABLE,
+    MIB,
+    RunInterrupted,
+    ToolError,
+    environment_info,
+    make_durable,
+    peft_config_file,
+    timestamp,
+)
 
 PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -212,7 +221,12 @@ def run_record(
         "method": method_name(mode, config, adapter),
         "peft_type": adapter and adapter["peft_type"],
         "adapter_config": adapter,
+        # the --peft_config file as the run read it: a study run again compares the file with it, every key
+        "peft_config_as_written": json.loads(peft_config_file(args.peft_config).read_text())
+        if args.peft_config
+        else None,
         "model": config["model"],
+        "model_revision": hub.model_revision(config["model"]),  # what `analyze` reloads the starting weights from
         "run_dir": str(run.path),
         "started_at": run.started_at or timestamp(),
         "resumed_from": str(run.checkpoint) if run.checkpoint else None,

@@ -12,6 +12,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import ScalarFormatter  # noqa: E402
 
+from analysis.update_shape import energy_kept  # noqa: E402
 from pipeline.summary import BUSY_MARK, BUSY_NOTE, TIMED, busy, save_png  # noqa: E402
 from study.statistics import Arm, rate_multiples  # noqa: E402
 
@@ -263,16 +264,6 @@ def finish(fig: plt.Figure, ax: plt.Axes, path: Path, **labels: str) -> None:
     save_png(fig, path)
 
 
-def cumulative_energy(singular_values: list[float]) -> list[float]:
-    """The share of the update's energy in its leading 1, 2, ... singular directions."""
-    total = sum(s * s for s in singular_values) or 1.0
-    shares, running = [], 0.0
-    for s in singular_values:
-        running += s * s
-        shares.append(running / total)
-    return shares
-
-
 def plot_update_spectrum(runs: list[Run], labels: list[str], ranks: list[int], path: Path) -> bool:
     """Cumulative energy of full fine-tuning's weight update against rank, a line per module type (the mean over its
     matrices), the LoRA ranks beside it as vertical lines; False (nothing drawn) without an analysed full run."""
@@ -286,7 +277,7 @@ def plot_update_spectrum(runs: list[Run], labels: list[str], ranks: list[int], p
     for i, (shape, label) in enumerate(full):
         kinds: dict[str, list[list[float]]] = {}
         for matrix in shape["matrices"].values():
-            kinds.setdefault(matrix["type"], []).append(cumulative_energy(matrix["singular_values"]))
+            kinds.setdefault(matrix["type"], []).append([k or 0.0 for k in energy_kept(matrix["singular_values"])])
         for j, (kind, curves) in enumerate(kinds.items()):
             mean = [sum(c[r] for c in curves) / len(curves) for r in range(min(map(len, curves)))]
             name = f"{kind} ({len(curves)} matrices)" + (f", {label}" if len(full) > 1 else "")

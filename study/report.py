@@ -7,20 +7,17 @@ import io
 import json
 import sys
 from pathlib import Path
-from statistics import mean, median
 from typing import Any
 
 from tabulate import tabulate
 
+from analysis.update_shape import update_shape_text
 from pipeline.hub import canonical_id
 from pipeline.settings import EVALUATE, SETTING_KINDS, TRAINING, is_local, names_of_kind
 from pipeline.summary import (
-    BUSY_MARK,
     BUSY_NOTE,
-    TIMED,
     UNAVAILABLE,
     busy,
-    figure_text,
     lookup,
     method_name,
     table_rows,
@@ -167,15 +164,37 @@ def columns(runs: list[Run]) -> list[Run]:
     )
 
 
-def differences(runs: list[Run]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """The settings every run that has them shares, and per differing setting each run's value (compared as
-    recorded; paths shown as they were typed)."""
+def replicate_columns(runs: list[Run]) -> list[list[Run]]:
+    """A set's columns: its runs that differ only in a replicate setting (the seed) pooled into one, in order."""
+    pooled: dict[str, list[Run]] = {}
+    for run in runs:
+        what = {k: v for k, v in settings(run).items() if SETTING_KINDS.get(k) != "replicate"}
+        pooled.setdefault(json.dumps(what, sort_keys=True, default=str), []).append(run)
+    return list(pooled.values())
+
+
+def column_label(column: list[Run]) -> str:
+    """`full (full-s1, full-s2)`: the method and every run the column pools."""
+    return f"{method(column[0])} ({', '.join(Path(r['run_dir']).name for r in column)})"
+
+
+def shared_and_differing_settings(columns: list[list[Run]]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The settings every column that has them shares, and per differing setting each column's value, its runs'
+    values as a list where they differ (their seeds); compared as recorded, paths shown as they were typed."""
     shared: dict[str, Any] = {}
     differ: dict[str, dict[str, Any]] = {}
-    for key in sorted({k for r in runs for k in settings(r)}):
-        having = [r for r in runs if key in settings(r)]
-        shown = {label(r): (r.get("paths_as_typed") or {}).get(key, settings(r)[key]) for r in having}
-        if len({json.dumps(settings(r)[key], default=str) for r in having}) > 1:
+    for key in sorted({k for column in columns for r in column for k in settings(r)}):
+        recorded, shown = {}, {}
+        for column in columns:
+            having = [r for r in column if key in settings(r)]
+            if not having:
+                continue
+            values = [settings(r)[key] for r in having]
+            typed = [(r.get("paths_as_typed") or {}).get(key, value) for r, value in zip(having, values, strict=True)]
+            alike = len({json.dumps(v, default=str) for v in values}) == 1
+            recorded[column_label(column)] = values[0] if alike else values
+            shown[column_label(column)] = typed[0] if alike else typed
+        if len({json.dumps(v, default=str) for v in recorded.values()}) > 1:
             differ[key] = shown
         else:
             shared[key] = next(iter(shown.values()))
@@ -192,15 +211,28 @@ def setting_text(value: Any) -> str:
 
 
 def comparison_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
-    headers = ["Metric"] + [label(r) for r in runs]
-    rows = [[name] + [figure_text(r, key) for r in runs] for name, key in table_rows(runs)]
+    """A column per setting, its seed replicates pooled (statistics.pooled_text), a row per figure."""
+    columns = replicate_columns(runs)
+    headers = ["Metric"] + [column_label(c) for c in columns]
+    rows = [[name] + [statistics.pooled_text(c, key) for c in columns] for name, key in table_rows(runs)]
     return headers, rows
 
 
-def set_text(runs: list[Run]) -> str:
-    """The table in Markdown, and below it what differs between its columns."""
+def paired_table(runs: list[Run]) -> str | None:
+    """Where a column pools seed replicates: every column against each full fine-tuning and base column, paired by
+    seed (statistics.paired_differences, as a study's arms are); None where no column pools replicates or none pairs."""
+    columns = {column_label(c): c for c in replicate_columns(runs)}
+    if all(len(c) == 1 for c in columns.values()):
+        return None
+    references = [name for kind in ("full", "base") for name, c in columns.items() if method(c[0]) == kind]
+    found = statistics.paired_differences(columns, references)
+    return difference_table(found) if found else None
+
+
+def set_text(runs: list[Run], paired: bool = True) -> str:
+    """The table in Markdown, below it what differs between its columns, and with `paired` the paired differences."""
     headers, rows = comparison_table(runs)
-    _, differ = differences(runs)
+    _, differ = shared_and_differing_settings(replicate_columns(runs))
     lines = [tabulate(rows, headers=headers, tablefmt="github")] + busy_note(runs)
     if differ:
         lines += ["", "Differs between columns:"]
@@ -208,6 +240,8 @@ def set_text(runs: list[Run]) -> str:
             f"- {key}: " + "; ".join(f"{who} {setting_text(v)}" for who, v in values.items())
             for key, values in differ.items()
         ]
+    table = paired_table(runs) if paired else None
+    lines += ["", "Differences, paired by seed:", "", table] if table else []
     return "\n".join(lines)
 
 
@@ -234,9 +268,9 @@ def compare(output_dir: Path, include_all: bool = False) -> str:
     return write_comparison(output_dir, sets)
 
 
-def sets_text(sets: list[list[Run]]) -> str:
-    """Each set's table with what differs below it, numbered when there are several."""
-    texts = [set_text(s) for s in sets]
+def sets_text(sets: list[list[Run]], paired: bool = True) -> str:
+    """Each set's table with what differs below it (and the paired differences), numbered when there are several."""
+    texts = [set_text(s, paired) for s in sets]
     if len(sets) > 1:
         texts = [f"Set {i} of {len(sets)}\n\n{text}" for i, text in enumerate(texts, 1)]
     return "\n\n".join(texts)
@@ -244,8 +278,8 @@ def sets_text(sets: list[list[Run]]) -> str:
 
 def write_comparison(output_dir: Path, sets: list[list[Run]], preface: list[str] | None = None) -> str:
     """Write comparison.md/.csv/.json and report.md (`preface`, Markdown lines, after its title) for `sets`;
-    return the tables' text."""
-    text = sets_text(sets)
+    return the tables' text. A study's preface holds its own paired differences (of its arms): not repeated."""
+    text = sets_text(sets, paired=not preface)
     atomic_write_text(output_dir / "comparison.md", text + "\n")
     buffer = io.StringIO()
     for i, runs in enumerate(sets):
@@ -258,10 +292,14 @@ def write_comparison(output_dir: Path, sets: list[list[Run]], preface: list[str]
 
 
 def comparison_record(runs: list[Run]) -> dict[str, Any]:
-    shared, differ = differences(runs)
+    columns = replicate_columns(runs)
+    shared, differ = shared_and_differing_settings(columns)
     # Each run's own results.json keeps the long lists: the log, and the per-matrix spectra (~1 MB for GPT-2 small)
     figures = [
-        {k: v for k, v in r.items() if k not in ("log_history", "update_shape")} | {"label": label(r)} for r in runs
+        {k: v for k, v in r.items() if k not in ("log_history", "update_shape")}
+        | {"label": label(r), "column": column_label(c)}
+        for c in columns
+        for r in c
     ]
     return {"runs": figures, "shared_settings": shared, "differing_settings": differ}
 
@@ -291,7 +329,7 @@ def write_report(output_dir: Path, sets: list[list[Run]], preface: list[str]) ->
         figures.plot_quality(runs, names, output_dir / f"{prefix}quality.png")
         figures.plot_tradeoff(runs, names, memory_key, output_dir / f"{prefix}tradeoff.png")
         headers, rows = comparison_table(runs)
-        shared, differ = differences(runs)
+        shared, differ = shared_and_differing_settings(replicate_columns(runs))
         h = "###" if len(sets) > 1 else "##"
         if len(sets) > 1:
             sections += ["", f"## Set {i} of {len(sets)}"]
@@ -316,47 +354,17 @@ def write_report(output_dir: Path, sets: list[list[Run]], preface: list[str]) ->
         rows = [(k, setting_text(v)) for k, v in shared.items() if v is not None]
         sections += [tabulate(rows, ["setting", "value"], "github")]
         if differ:
-            rows = [[k] + [setting_text(values.get(who)) for who in labels] for k, values in differ.items()]
-            sections += ["", "Different between the columns:", "", tabulate(rows, ["setting", *labels], "github")]
+            shown = [column_label(c) for c in replicate_columns(runs)]
+            rows = [[k] + [setting_text(values.get(who)) for who in shown] for k, values in differ.items()]
+            sections += ["", "Different between the columns:", "", tabulate(rows, ["setting", *shown], "github")]
+        paired = None if preface else paired_table(runs)
+        sections += ["", f"{h} Differences, paired by seed", "", paired] if paired else []
     atomic_write_text(output_dir / "report.md", "\n".join(sections) + "\n")
-
-
-def energy_kept(singular_values: list[float], rank: int) -> float | None:
-    """The share of an update's energy that its best rank-`rank` approximation keeps (Eckart-Young)."""
-    energies = [s * s for s in singular_values]
-    return sum(energies[:rank]) / sum(energies) if sum(energies) else None
 
 
 def lora_ranks(runs: list[Run]) -> list[int]:
     """The LoRA ranks of the set's LoRA-family runs."""
     return sorted({r["config"]["lora_rank"] for r in runs if r["mode"] == "lora" and r["config"].get("lora_rank")})
-
-
-def by_module_type(shape: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    kinds: dict[str, list[dict[str, Any]]] = {}
-    for matrix in shape["matrices"].values():
-        kinds.setdefault(matrix["type"], []).append(matrix)
-    return kinds
-
-
-def update_shape_text(shape: dict[str, Any], who: str | None = None, ranks: list[int] = ()) -> str:
-    """Per module type: matrices, median 90%-energy rank (and of the largest rank possible), intruder dimensions per
-    matrix (mean, and the most in one matrix); with `ranks`, the median share of energy the best rank-r
-    approximation keeps at each."""
-    share = f"{shape['energy_share']:.0%}"
-    headers = [*(["run"] if who else []), "module", "matrices", f"median {share}-energy rank (of max)"]
-    headers += [f"median energy at rank {r}" for r in ranks]
-    headers += [f"intruder dims per matrix (top {shape['intruder_top_k']}, mean / max)"]
-    rows = []
-    for kind, matrices in by_module_type(shape).items():
-        ranks_90 = median(m["energy_rank_90"] for m in matrices)
-        kept = [median(energy_kept(m["singular_values"], r) or 0 for m in matrices) for r in ranks]
-        intruders = [m["intruder_dimensions"] for m in matrices]
-        row = [*([who] if who else []), kind, len(matrices), f"{ranks_90:g} (of {min(matrices[0]['shape'])})"]
-        row += [f"{k:.1%}" for k in kept]
-        row += [f"{mean(intruders):.2f} / {max(intruders)}"]
-        rows.append(row)
-    return tabulate(rows, headers=headers, tablefmt="github")
 
 
 def update_shape_section(runs: list[Run], names: list[str], figure: str | None) -> list[str]:
@@ -452,11 +460,7 @@ def pooled_cell(arm: statistics.Arm, key: str) -> str:
         return "diverged"
     if arm.chosen is None:
         return "-"
-    pooled = statistics.pooled_figure(arm.chosen.runs, key)
-    if pooled is None:
-        return "-"
-    marked = key in TIMED and any(busy(r) for r in arm.chosen.runs)
-    return pooled.text() + (BUSY_MARK if marked else "")
+    return statistics.pooled_text(arm.chosen.runs, key)
 
 
 def pooled_table(arms: list[statistics.Arm]) -> str:
@@ -520,7 +524,7 @@ def study_sections(arms: list[statistics.Arm], runs: list[Run]) -> list[str]:
             + "; ".join(f"{name} {value:.3g}x" for name, value in multiples.items())
             + ".",
         ]
-    lines += ["", "## Differences, paired by seed", "", difference_table(statistics.differences(arms))]
+    lines += ["", "## Differences, paired by seed", "", difference_table(statistics.arm_differences(arms))]
     lines += ["", "## Cost of the study", "", cost_text(statistics.study_cost(runs, arms))]
     return lines
 
@@ -600,6 +604,6 @@ def study_record(arms: list[statistics.Arm], runs: list[Run]) -> dict[str, Any]:
             for a in arms
         ],
         "rate_multiples_of_full": statistics.rate_multiples(arms),
-        "differences": [vars(d) | {"beyond_noise": d.beyond_noise} for d in statistics.differences(arms)],
+        "differences": [vars(d) | {"beyond_noise": d.beyond_noise} for d in statistics.arm_differences(arms)],
         "cost": statistics.study_cost(runs, arms),
     }

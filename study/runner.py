@@ -212,7 +212,9 @@ def changed_settings(config: dict, expected: RunSettings) -> list[str]:
 
 
 def changed_adapter(record: dict, expected: RunSettings) -> list[str]:
-    """The keys of a peft: arm's config file whose value differs from the adapter config the arm recorded."""
+    """The keys of a peft: arm's config file whose value differs from the adapter config the arm recorded, and
+    those the file held when the arm read it (`peft_config_as_written`) but no longer holds: PEFT's default then
+    replaces the value the arm trained with."""
     adapter = record.get("adapter_config")
     if not adapter or not expected.peft_config:
         return []
@@ -220,13 +222,14 @@ def changed_adapter(record: dict, expected: RunSettings) -> list[str]:
     def canonical_value(value: object) -> str:  # PEFT keeps module names as a set: written as a sorted list
         return json.dumps(sorted(value, key=str) if isinstance(value, list) else value)
 
+    ignored = (*NOT_ADAPTER_SETTINGS, "task_type")
     written = json.loads(peft_config_file(expected.peft_config).read_text())
+    deleted = [key for key in record.get("peft_config_as_written") or {} if key not in written and key not in ignored]
     return [
         f"{key} {adapter.get(key)} -> {value}"
         for key, value in written.items()
-        if key not in (*NOT_ADAPTER_SETTINGS, "task_type")
-        and canonical_value(adapter.get(key)) != canonical_value(value)
-    ]
+        if key not in ignored and canonical_value(adapter.get(key)) != canonical_value(value)
+    ] + [f"{key} {adapter.get(key)} -> (deleted from the file)" for key in deleted]
 
 
 def check_settings(study_dir: Path, name: str, planned: list[Planned]) -> None:

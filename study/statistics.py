@@ -1,8 +1,8 @@
-"""A study's runs pooled over seeds, each arm's learning rate chosen on validation, paired differences with their
-confidence interval, and the study's cost. Pure functions of results.json dicts (no torch, no files).
+"""Runs pooled over seeds (a study's arms, `compare`'s columns), each arm's learning rate chosen on validation, paired
+differences with their confidence interval, and the study's cost. Pure functions of results.json dicts (no torch, no
+files).
 
-The runs given are those of one study: they share every setting but the arm (method, rank), the learning rate and
-the seed.
+The runs of a study share every setting but the arm (method, rank), the learning rate and the seed.
 """
 
 from __future__ import annotations
@@ -13,12 +13,11 @@ from typing import Any
 
 from scipy import stats
 
-from pipeline.summary import format_value, lookup, method_name
+from pipeline.summary import BUSY_MARK, TIMED, busy, figure_text, format_value, lookup, method_name
 from utils import peft_arm_name
 
 Run = dict[str, Any]
 CONFIDENCE = 0.95
-LORA_FAMILY = ("lora", "dora", "rslora", "dora+rslora")
 
 
 @dataclass(frozen=True)
@@ -105,7 +104,8 @@ class Arm:
 
     @property
     def lora_family(self) -> bool:
-        return self.name.split("-r")[0] in LORA_FAMILY
+        """Trained by the `lora` command (LoRA, DoRA, rsLoRA), as its runs' mode says, whatever the arm is named."""
+        return all(run["mode"] == "lora" for rate in self.rates for run in rate.runs)
 
 
 def choose_rates(runs: list[Run]) -> list[Arm]:
@@ -147,8 +147,15 @@ def rate_text(rate: float | None) -> str:
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
-def pooled_figure(runs: list[Run], key: str) -> Pooled | None:
-    return pool([lookup(r, key) for r in runs])
+def pooled_text(runs: list[Run], key: str) -> str:
+    """A figure of replicate runs as the tables show it: one run's as it is, several runs' mean ± sample SD (n); a
+    time figure marked when any run's machine was busy."""
+    if len(runs) == 1:
+        return figure_text(runs[0], key)
+    pooled = pool([lookup(r, key) for r in runs])
+    if pooled is None:
+        return "-"
+    return pooled.text() + (BUSY_MARK if key in TIMED and any(busy(r) for r in runs) else "")
 
 
 @dataclass(frozen=True)
@@ -200,22 +207,26 @@ def paired_difference(
     return Difference(arm, reference_name, key, pooled.mean, low, high, pooled.n)
 
 
-def differences(arms: list[Arm]) -> list[Difference]:
-    """Test loss and test perplexity of every arm at its chosen rate against full fine-tuning and against the base
-    model (each at its own chosen rate), paired by seed."""
-    chosen = {a.name: a.chosen.runs for a in arms if a.chosen}
+def paired_differences(columns: dict[str, list[Run]], references: list[str]) -> list[Difference]:
+    """Test loss and test perplexity of every column (its replicate runs) against each of `references` (names of
+    columns), paired by seed; the base model, which trains nothing, is never the one compared."""
     found = []
-    for reference in ("full", "base"):
-        if reference not in chosen:
-            continue
-        for arm in arms:
-            if arm.name in (reference, "base") or arm.name not in chosen:
+    for reference in references:
+        for name, runs in columns.items():
+            if name == reference or all(r["mode"] == "base" for r in runs):
                 continue
             for key in ("test_loss", "test_perplexity"):
-                difference = paired_difference(chosen[arm.name], chosen[reference], key, arm.name, reference)
+                difference = paired_difference(runs, columns[reference], key, name, reference)
                 if difference:
                     found.append(difference)
     return found
+
+
+def arm_differences(arms: list[Arm]) -> list[Difference]:
+    """Every arm at its chosen rate against full fine-tuning and against the base model (each at its own chosen
+    rate), paired by seed."""
+    chosen = {a.name: a.chosen.runs for a in arms if a.chosen}
+    return paired_differences(chosen, [name for name in ("full", "base") if name in chosen])
 
 
 def rate_multiples(arms: list[Arm]) -> dict[str, float]:

@@ -14,13 +14,14 @@ from datasets import Dataset, load_dataset
 from PIL import Image
 from transformers import AutoModelForCausalLM
 
+import command_line
 import main as cli
 from pipeline.data import PackedBlocks, pack_into_blocks, tokenize_rows
 from pipeline.forgetting import FROM_SCRATCH, forgetting_blocks
 from pipeline.modeling import load_tokenizer
 
 TOKENS = 1000  # --forgetting_tokens: 31 blocks of 32 tokens
-OWT_ID, OWT_REVISION = cli.FORGETTING_DATASET.split("@")
+OWT_ID, OWT_REVISION = command_line.FORGETTING_DATASET.split("@")
 QUICK = ["--eval_examples", "0", "--forgetting_tokens", str(TOKENS)]
 
 

@@ -107,6 +107,27 @@ def test_default_model_and_dataset_train_evaluate_and_score_from_a_warm_cache_of
     assert results["status"] == "finished" and results["optimizer_steps"] == 2
     assert results["model"] == "openai-community/gpt2" and results["config"]["dataset"] == "Salesforce/wikitext"
     assert results["test_loss"] > 0 and results["metrics"]["num_examples"] == 4 and "chrf" in results["metrics"]
+    assert results["model_revision"] == COMMIT  # the commit the run loaded, as the cache's refs/main named it
+
+    # The Hub moves on: main now names another commit with other weights. `analyze` reloads the one the run used.
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    moved = tmp_path / "hf_home_moved"
+    shutil.copytree(warm_hf_home / "hub", moved / "hub")
+    repo, later = moved / "hub" / "models--openai-community--gpt2", "1" * 40
+    shutil.copytree(repo / "snapshots" / COMMIT, repo / "snapshots" / later)
+    other = AutoModelForCausalLM.from_pretrained(repo / "snapshots" / later)
+    with torch.no_grad():
+        for weight in other.parameters():
+            weight.mul_(1.5)
+    other.save_pretrained(repo / "snapshots" / later)
+    (repo / "refs" / "main").write_text(later)
+    done = run_tool(["analyze", str(out / "warm")], moved, HF_HUB_OFFLINE="1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    again = json.loads((out / "warm" / "results.json").read_text())["update_shape"]["matrices"]
+    for name, matrix in results["update_shape"]["matrices"].items():
+        assert again[name]["relative_update_norm"] == pytest.approx(matrix["relative_update_norm"], rel=1e-3)
 
 
 def test_an_unreachable_hub_falls_back_to_the_warm_cache_and_legacy_ids_find_it(warm_hf_home, tmp_path):

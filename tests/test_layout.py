@@ -1,4 +1,5 @@
-"""The layers: the one-run pipeline never imports the study side, and the study side never imports torch."""
+"""The layers: imports run one way (the pipeline imports neither the study nor the analysis nor the entry point, the
+analysis never imports the study), and the study side never imports torch."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import ast
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,10 +24,17 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
-def test_the_pipeline_never_imports_the_study_or_analysis_side():
-    for path in (ROOT / "pipeline").glob("*.py"):
-        upward = {m for m in imported_modules(path) if m.split(".")[0] in ("study", "analysis", "main")}
-        assert not upward, f"{path.name} imports {upward}"
+UPWARD = {
+    "pipeline": ("study", "analysis", "main", "command_line", "full_finetuning", "lora_finetuning"),
+    "analysis": ("study", "main", "command_line", "full_finetuning", "lora_finetuning"),
+}
+
+
+@pytest.mark.parametrize("layer", UPWARD)
+def test_no_layer_imports_a_layer_above_it(layer):
+    for path in (ROOT / layer).glob("*.py"):
+        upward = {m for m in imported_modules(path) if m.split(".")[0] in UPWARD[layer]}
+        assert not upward, f"{layer}/{path.name} imports {upward}"
 
 
 def test_the_study_side_and_compare_answer_without_torch(tmp_path):

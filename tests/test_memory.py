@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from transformers.activations import NewGELUActivation
 
 import main as cli
-from lora_finetuning import add_lora_adapters
+from pipeline.adapters import add_lora_adapters
 from pipeline.data import PackedBlocks, pack_into_blocks, tokenize_rows
 from pipeline.lean_training import causal_lm, supports_chunked_loss
 from pipeline.modeling import load_tokenizer

@@ -12,7 +12,7 @@ from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 import main as cli
-from lora_finetuning import load_peft_config
+from pipeline.adapters import load_peft_config
 from pipeline.modeling import load_tokenizer
 from pipeline.training import load_packed_splits
 
@@ -61,6 +61,7 @@ def test_each_method_trains_saves_reloads_and_measures_as_peft_does(method, comm
     assert run["status"] == "finished" and run["mode"] == "peft" and run["optimizer_steps"] == 2
     assert run["peft_type"] == saved["peft_type"] == method.upper()
     assert run["adapter_config"]["peft_type"] == method.upper() and run["method"].split()[0] == method
+    assert run["peft_config_as_written"] == json.loads(config.read_text())
     assert (run["metrics"] or {}).get("num_examples") == (2 if generated else None)
 
     args = cli.build_parser().parse_args(argv)
@@ -161,4 +162,10 @@ def test_a_peft_arm_whose_config_file_changed_since_it_ran_is_named(tmp_path):
     config.write_text(json.dumps({"peft_type": "IA3", "target_modules": ["c_attn"]}))
     assert changed_adapter(record, Namespace(peft_config=str(config))) == [
         "target_modules ['c_attn', 'mlp.c_proj'] -> ['c_attn']"
+    ]
+    # a key deleted from the file: PEFT's default now replaces what the arm trained with
+    written = {"peft_type": "IA3", "target_modules": ["c_attn"], "feedforward_modules": ["c_attn"]}
+    record |= {"peft_config_as_written": written, "adapter_config": record["adapter_config"] | written}
+    assert changed_adapter(record, Namespace(peft_config=str(config))) == [
+        "feedforward_modules ['c_attn'] -> (deleted from the file)"
     ]

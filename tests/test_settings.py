@@ -11,8 +11,15 @@ from pathlib import Path
 import pytest
 
 import main as cli
-from pipeline.settings import KINDS, SETTING_COMMANDS, SETTING_KINDS, RunSettings
-from study.report import canonical, comparable_sets, compare, differences, measured_on
+from pipeline.settings import KINDS, METHOD_DEFAULTS, SETTING_COMMANDS, SETTING_KINDS, RunSettings
+from study.report import (
+    canonical,
+    comparable_sets,
+    compare,
+    measured_on,
+    replicate_columns,
+    shared_and_differing_settings,
+)
 from study.runner import StudySettings, planned_runs
 
 LEGACY = Path(__file__).with_name("legacy-study")
@@ -56,7 +63,7 @@ def test_a_study_plans_each_arm_by_replacing_fields_of_the_shared_settings(tmp_p
     planned = {p.name: p.settings for p in planned_runs(study, RunSettings.from_flags(args), tmp_path)}
     assert list(planned) == ["base", "full", "dora-r2", "dora-r8"]
     assert planned["base"].command == "evaluate" and planned["base"].learning_rate is None
-    assert (planned["full"].learning_rate, planned["full"].weight_decay) == cli.METHOD_DEFAULTS["full"]
+    assert (planned["full"].learning_rate, planned["full"].weight_decay) == METHOD_DEFAULTS["full"]
     assert planned["dora-r8"].lora_rank == 8 and planned["dora-r8"].use_dora and not planned["dora-r8"].use_rslora
     assert {s.seed for s in planned.values()} == {5} and planned["dora-r2"].output_dir == str(tmp_path)
 
@@ -81,14 +88,51 @@ def test_seed_replicates_share_a_table_and_a_new_experiment_setting_does_not():
     assert len(sets) == 2
     (with_base,) = [s for s in sets if any(r["mode"] == "base" for r in s)]
     assert "/elsewhere/full-s7" in [r["run_dir"] for r in with_base]
-    assert differences(with_base)[1]["seed"]["full (full-s7)"] == 7
+    columns = replicate_columns(with_base)
+    assert [len(c) for c in columns] == [1, 2, 1, 1]  # the seed is a replicate: full and full-s7 are one column
+    assert shared_and_differing_settings(columns)[1]["seed"]["full (full, full-s7)"] == [2024, 7]
+
+
+def test_compare_over_runs_that_differ_only_in_seed_prints_one_column_with_mean_sd_and_n(tmp_path):
+    """Two plain runs repeated by hand with another --seed (and the base at both seeds): one table, a column per
+    setting with mean ± sample SD (n=2), and the paired differences where both sides share seeds."""
+    base, full, _, _ = legacy_runs()
+    for run, name, seed, change in (
+        (base, "base", 1, 0.0),
+        (base, "base", 2, 0.5),
+        (full, "full", 1, 0.1),
+        (full, "full", 2, 0.4),
+    ):
+        record = json.loads(json.dumps(run))
+        record["config"]["seed"] = seed
+        record["test_loss"] = 10.0 + change
+        record["test_perplexity"] = 20_000.0 + 1000 * change
+        (tmp_path / f"{name}-s{seed}").mkdir()
+        (tmp_path / f"{name}-s{seed}" / "results.json").write_text(json.dumps(record))
+    printed = compare(tmp_path)
+    table = printed.split("\n\n")[0].splitlines()
+    assert [c.strip() for c in table[0].split("|")[1:-1]] == [
+        "Metric",
+        "base (base-s1, base-s2)",
+        "full (full-s1, full-s2)",
+    ]
+    (perplexity,) = [line for line in table if line.startswith("| Test perplexity")]
+    assert [c.strip() for c in perplexity.split("|")[2:-1]] == ["20,250.0 ± 353.6 (n=2)", "20,250.0 ± 212.1 (n=2)"]
+    (trainable,) = [line for line in table if line.startswith("| Trainable parameters")]
+    assert "124,439,808 (n=2)" in trainable
+    assert "seed" not in printed.split("Differs between columns:")[1].split("Differences, paired by seed:")[0]
+    paired = printed.split("Differences, paired by seed:")[1]
+    (loss,) = [line for line in paired.splitlines() if "| test_loss" in line]
+    # per seed 10.1 - 10.0 and 10.4 - 10.5: mean 0, SD 0.1414, Student's t(1) at 95%: 12.706 x 0.1414 / sqrt(2)
+    assert "[-1.2706, +1.2706]" in loss and "| 2 " in loss and "within the noise" in loss
+    assert (tmp_path / "comparison.md").read_text() == printed + "\n"
 
 
 def test_hardware_and_threads_that_differ_are_listed_and_said_per_column():
     base, full, lora, _ = legacy_runs()
     lora["environment"] = lora["environment"] | {"cpu_threads": 1}
     (one,) = comparable_sets([base, full, lora])
-    assert set(differences(one)[1]["cpu_threads"].values()) == {1, 2}
+    assert set(shared_and_differing_settings(replicate_columns(one))[1]["cpu_threads"].values()) == {1, 2}
     line = measured_on(one, ["b", "f", "l"])
     assert "different hardware" in line and "l: cpu with torch" in line and "1 CPU threads" in line
     assert measured_on([base, full], ["b", "f"]).startswith("Measured on cpu with torch")

@@ -81,7 +81,7 @@ def test_each_arms_rate_is_the_validation_choice_even_where_test_loss_would_pick
 
 def test_the_paired_interval_is_the_one_scipy_computes_from_the_recorded_losses(runs):
     arms = statistics.choose_rates(runs)
-    found = {(d.arm, d.reference, d.key): d for d in statistics.differences(arms)}
+    found = {(d.arm, d.reference, d.key): d for d in statistics.arm_differences(arms)}
     lora, full = [2.95, 2.83, 3.2], [2.9, 2.8, 3.1]  # test losses at the chosen rates, seeds in order
     expected = stats.ttest_rel(lora, full).confidence_interval(0.95)
     d = found[("lora-r8", "full", "test_loss")]
@@ -95,6 +95,18 @@ def test_the_paired_interval_is_the_one_scipy_computes_from_the_recorded_losses(
     assert (
         against_base.high < 0 and "lower than base: the difference is larger than the noise" in against_base.verdict()
     )
+
+
+def test_a_peft_arm_named_like_a_lora_family_is_not_counted_as_lora(runs):
+    """The family comes from the arm's method, never from its name: a peft: arm named lora-rank2 or dora-style is
+    no LoRA arm, so no rate multiple is printed for it."""
+    for name in ("lora-rank2", "dora-style"):
+        config = {"peft_config": f"/configs/{name}.json", "learning_rate": 1e-3, "seed": 2024}
+        runs.append(planted("full", 1e-3, 2024, 2.0, 2.0) | {"mode": "peft", "method": "ia3", "config": config})
+    arms = statistics.choose_rates(runs)
+    assert {"lora-rank2", "dora-style"} <= {a.name for a in arms}
+    assert not arm(arms, "lora-rank2").lora_family and arm(arms, "lora-r8").lora_family
+    assert statistics.rate_multiples(arms) == {"lora-r8": pytest.approx(1e-3 / 3e-5)}
 
 
 def test_an_arm_whose_every_rate_diverged_is_failed_and_a_rate_with_a_diverged_seed_is_never_chosen(runs):
@@ -114,9 +126,8 @@ def test_an_arm_whose_every_rate_diverged_is_failed_and_a_rate_with_a_diverged_s
 def test_one_seed_shows_the_figures_as_they_are_without_spread_or_interval():
     runs = [planted("full", 1e-5, 2024, 2.5, 2.61), planted("lora-r8", 1e-4, 2024, 2.7, 2.83)]
     arms = statistics.choose_rates(runs)
-    pooled = statistics.pooled_figure(arm(arms, "full").chosen.runs, "test_perplexity")
-    assert pooled.text() == format_value(math.exp(2.61)) and pooled.std is None
-    (loss, _) = statistics.differences(arms)
+    assert statistics.pooled_text(arm(arms, "full").chosen.runs, "test_perplexity") == format_value(math.exp(2.61))
+    (loss, _) = statistics.arm_differences(arms)
     assert loss.low is None and loss.beyond_noise is None and "one seed" in loss.verdict()
     assert statistics.pool([22.1, 22.4, 22.9]).text() == "22.5 ± 0.4 (n=3)"
 

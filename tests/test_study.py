@@ -11,10 +11,11 @@ import pytest
 from PIL import Image
 from transformers import AutoModelForCausalLM, integrations
 
+import command_line
 import main as cli
-from lora_finetuning import add_lora_adapters
+from pipeline.adapters import add_lora_adapters
 from pipeline.run_directory import take_lock
-from study.report import comparable_sets, differences
+from study.report import comparable_sets, replicate_columns, shared_and_differing_settings
 
 ARMS = ("base", "full", "lora-r2", "lora-r4", "ia3")
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,7 +129,7 @@ def test_a_dora_arm_on_all_linear_layers_trains_and_counts_parameters_as_peft(co
 
 
 def test_a_tracker_that_is_not_installed_is_named_before_anything_runs(capsys):
-    missing = [t for t in cli.TRACKERS[1:] if not getattr(integrations, f"is_{t}_available")()]
+    missing = [t for t in command_line.TRACKERS[1:] if not getattr(integrations, f"is_{t}_available")()]
     if not missing:
         pytest.skip("every tracker is installed here")
     with pytest.raises(SystemExit) as exit_info:
@@ -149,7 +150,7 @@ def test_the_quick_start_runs_share_one_table_however_their_flags_were_typed(tmp
         )  # fmt: skip
     (only,) = comparable_sets(runs)
     assert [r["mode"] for r in only] == ["base", "full", "lora"]
-    differ = differences(only)[1]
+    differ = shared_and_differing_settings(replicate_columns(only))[1]
     assert "epochs" not in differ and "model" not in differ and "lora_alpha" not in differ
     assert set(differ) == {"method", "learning_rate", "weight_decay"}
 

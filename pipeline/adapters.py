@@ -1,0 +1,82 @@
+"""The adapter a run trains: LoRA from the LoRA flags, or any PEFT method from its PEFT config file, read as PEFT
+reads it and checked to train here."""
+
+from __future__ import annotations
+
+import peft
+import torch
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+from transformers import PreTrainedModel
+
+from pipeline.modeling import virtual_tokens
+from pipeline.settings import RunSettings
+from utils import ToolError, one_line, peft_config_file
+
+# PEFT types that build on GPT-2 but that this tool's training loop cannot train as PEFT means them.
+NOT_TRAINABLE_HERE = {
+    "ADALORA": "its rank allocation needs update_and_allocate() called after every optimizer step, which the "
+    "Trainer does not do (and its loss adds an orthogonality penalty, so it is not the language-model loss)",
+}
+
+
+def add_lora_adapters(model: PreTrainedModel, args: RunSettings) -> PeftModel:
+    config = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=args.lora_target_modules,
+        use_dora=args.use_dora,
+        use_rslora=args.use_rslora,
+        fan_in_fan_out=model.config.model_type == "gpt2",  # GPT-2 stores its projections as Conv1D (in, out)
+    )
+    return get_peft_model(model, config)
+
+
+def load_peft_config(path: str) -> PeftConfig:
+    """The PEFT config in `path` (a JSON file, or a directory holding adapter_config.json), read as
+    PeftConfig.from_pretrained reads it, to train: inference_mode off, and a causal LM's task type when it has none."""
+    file = peft_config_file(path)
+    if not file.is_file():
+        raise ToolError(f"--peft_config {path}: no such file (give a PEFT config JSON, or a folder holding one)")
+    try:
+        attributes = PeftConfig.from_json_file(str(file))  # PeftConfig.from_pretrained's own steps, any file name
+        if not isinstance(attributes, dict) or not attributes.get("peft_type"):
+            raise ValueError("it has no peft_type")
+        config = PeftConfig.from_peft_type(**PeftConfig.check_kwargs(**attributes))
+    except KeyError as e:
+        raise ToolError(
+            f"--peft_config {path}: unknown peft_type {e} (PEFT {peft.__version__} has no such method)"
+        ) from None
+    except Exception as e:  # invalid JSON, or values PEFT's config class refuses
+        raise ToolError(f"--peft_config {path}: not a PEFT config ({one_line(e)})") from None
+    method = config.peft_type.value
+    if method in NOT_TRAINABLE_HERE:
+        raise ToolError(f"{method} cannot be trained by this tool: {NOT_TRAINABLE_HERE[method]}")
+    if config.task_type not in (None, "CAUSAL_LM"):
+        raise ToolError(f"--peft_config {path}: task_type {config.task_type}; this tool trains CAUSAL_LM adapters")
+    config.task_type, config.inference_mode = "CAUSAL_LM", False  # a saved adapter's config says inference_mode
+    return config
+
+
+def add_peft_adapter(model: PreTrainedModel, config: PeftConfig, block_size: int) -> PeftModel:
+    """`model` with the adapter `config` describes, checked to train here: one line naming the method and why
+    when PEFT cannot apply it to this model (PEFT's own message where it has one)."""
+    method, model_type = config.peft_type.value, model.config.model_type
+    try:
+        peft_model = get_peft_model(model, config)
+        # One forward pass on two tokens: methods that build but cannot run on this model fail here, not in training.
+        tokens = torch.zeros((1, 2), dtype=torch.long)
+        with torch.no_grad():
+            peft_model(input_ids=tokens, labels=tokens)
+    except Exception as e:
+        raise ToolError(f"{method} cannot apply to {model_type}: {one_line(e)}") from None
+    if peft_model.get_nb_trainable_parameters()[0] == 0:
+        raise ToolError(f"{method} cannot apply to {model_type}: the config leaves no parameter to train")
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions and block_size + virtual_tokens(peft_model) > positions:
+        raise ToolError(
+            f"{method}'s {virtual_tokens(peft_model)} virtual tokens and --block_size {block_size} exceed the "
+            f"model's {positions} positions; use a smaller --block_size"
+        )
+    return peft_model
