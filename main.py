@@ -53,6 +53,13 @@ def fraction(text: str) -> float:
     return value
 
 
+def share(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
+    return value
+
+
 def dropout(text: str) -> float:
     value = float(text)
     if not 0 <= value < 1:
@@ -181,6 +188,12 @@ def data_flags(forgetting: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--batch_size", type=positive_int, default=4, help="blocks per device per step (default: 4)")
     g.add_argument("--seed", type=int, default=2024, help="(default: 2024)")
     g.add_argument(
+        "--eval_seed",
+        type=int,
+        default=0,
+        help="draws --data_fraction's validation and test rows, the same for every --seed (default: 0)",
+    )
+    g.add_argument(
         "--precision",
         choices=["auto", "fp32", "fp16", "bf16"],
         default="auto",
@@ -252,6 +265,13 @@ def training_flags(learning_rate: float | None, weight_decay: float | None) -> a
         "--save_steps", type=positive_int, help="checkpoint every N steps (default: every epoch and the end)"
     )
     g.add_argument("--save_total_limit", type=positive_int, default=2, help="checkpoints kept (default: 2)")
+    g.add_argument(
+        "--stop_at_share",
+        type=share,
+        metavar="SHARE",
+        help="stop once this share of the run's steps is done (rounded up), on its whole schedule, with a validation "
+        "and a checkpoint: recorded as stopped_early; --resume continues it",
+    )
     g.add_argument(
         "--resume",
         nargs="?",
@@ -347,7 +367,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     if args.command == "peft" and not args.peft_config:  # not argparse's required: the study parses its defaults
         parser.error("peft needs --peft_config FILE (a PEFT config file, or a folder holding adapter_config.json)")
     if args.command == "study":
-        per_arm = [f"--{k}" for k in ("run_name", "resume") if getattr(args, k) is not None]
+        per_arm = [f"--{k}" for k in ("run_name", "resume", "stop_at_share") if getattr(args, k) is not None]
         if per_arm:
             parser.error(f"study sets {' and '.join(per_arm)} for each arm itself; rerun the same command to continue")
         if (args.list or args.only is not None) and not args.study_name:  # each call would name a new study
