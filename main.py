@@ -25,6 +25,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def at_least_two(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be 2 or more, got {text}")
+    return value
+
+
 def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -348,6 +355,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--study_name", help="directory under --output_dir (default: study-<timestamp>)")
     g.add_argument("--learning_rates", nargs="+", type=method_rates, metavar="[METHOD=]R1,R2", help="rates to sweep")
     g.add_argument("--lr_sweep", type=positive_int, metavar="N", help="N rates half a decade apart per method")
+    g.add_argument(
+        "--widen",
+        type=non_negative_int,
+        metavar="N",
+        help="while an arm's best rate is at an edge of its grid, add the next rate outward, at most N per side "
+        "(default: 2 with --learning_rates or --lr_sweep, else 0)",
+    )
+    g.add_argument(
+        "--halving",
+        type=at_least_two,
+        metavar="ETA",
+        help="successive halving: every rate trains 1/ETA of the steps, the best ceil(n/ETA) per arm go on",
+    )
     g.add_argument("--seeds", type=seed_list, help="seeds to repeat every arm and rate with (default: --seed)")
     g.add_argument("--jobs", type=positive_int, default=1, help="runs at once (default: 1)")
     g.add_argument("--gpus_per_run", type=positive_int, default=1, help="GPUs per run, under torchrun (default: 1)")

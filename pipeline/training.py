@@ -325,6 +325,7 @@ def figures_so_far(
         **clock.seconds,
         **peaks,
         "optimizer_steps": trainer.state.global_step,
+        "total_steps": trainer.state.max_steps,  # the whole run's, which its schedule spans
         "train_tokens": tokens,
         "first_step_tokens": clock.first_step_tokens,
         "train_tokens_per_s": clock.tokens_per_s(tokens),
