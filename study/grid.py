@@ -26,13 +26,10 @@ def done(results: Run, to_rung: bool = False) -> bool:
 
 
 def next_rate(rates: list[float], side: str) -> float:
-    """The next rate outward on `side` ("below" or "above") of an ascending grid: the grid's own spacing at that
-    edge (half a decade for one rate), to 3 significant digits as run names hold it."""
-    if side == "below":
-        step = rates[1] / rates[0] if len(rates) > 1 else HALF_DECADE
-        return float(f"{rates[0] / step:.3g}")
-    step = rates[-1] / rates[-2] if len(rates) > 1 else HALF_DECADE
-    return float(f"{rates[-1] * step:.3g}")
+    """The next rate outward on `side` ("below" or "above") of an ascending grid, at the grid's own spacing (the
+    mean ratio of neighbours; half a decade for one rate), to 3 significant digits as run names hold it."""
+    step = (rates[-1] / rates[0]) ** (1 / (len(rates) - 1)) if len(rates) > 1 else HALF_DECADE
+    return float(f"{rates[0] / step if side == 'below' else rates[-1] * step:.3g}")
 
 
 @dataclass
