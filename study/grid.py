@@ -8,7 +8,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from study.statistics import Arm, Run, Widening, choose_rates
+from study.statistics import Arm, Run, Widening, choose_rates, rung_loss
 
 HALF_DECADE = 10**0.5
 
@@ -58,7 +58,7 @@ def grow(
     while True:
         found = {rate: records(rate) for rate in grid.rates}
         if share:
-            if not all(done(r, to_rung=True) for runs in found.values() for r in runs):
+            if not all(past_rung(r, share) for runs in found.values() for r in runs):
                 return grid
             rung = {r.rate: r.rung_loss.mean for r in arm_of(found, share).rates if r.rung_loss}
             grid.to_end |= set(sorted(rung, key=rung.get)[: math.ceil(len(grid.rates) / halving)])
@@ -81,6 +81,11 @@ def grow(
         if not added:
             grid.complete = True
             return grid
+
+
+def past_rung(run: Run, share: float) -> bool:
+    """Done to the rung, or past it on its way to the end (a run interrupted after it, say)."""
+    return done(run, to_rung=True) or ("config" in run and rung_loss(run, share) is not None)
 
 
 def arm_of(found: dict[float, list[Run]], share: float | None) -> Arm:

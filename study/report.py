@@ -86,14 +86,16 @@ NOT_ADAPTER_SETTINGS = ("base_model_name_or_path", "revision", "inference_mode",
 
 def settings(run: Run) -> dict[str, Any]:
     """What the run is: every setting but bookkeeping (and the Hub dataset when --data_dir replaced it, the epochs
-    when --max_steps did; the evaluation stride as the tokens it is; a --peft_config file's content rather than its
-    path), its method, the precision it ran at, on how many processes and GPUs, and on what."""
+    when --max_steps did, the evaluation seed when no fraction was drawn; the evaluation stride as the tokens it is;
+    a --peft_config file's content rather than its path), its method, the precision it ran at, on how many
+    processes and GPUs, and on what."""
     config = run.get("config", {})
     if run["mode"] in TRAINING:
         config = UNRECORDED_DEFAULTS | config
     config = config | {"eval_stride": config.get("eval_stride") or config.get("block_size")}  # unset: the blocks
     unused = ("dataset", "dataset_config") if config.get("data_dir") else ()
     unused += ("epochs",) if config.get("max_steps") else ()
+    unused += ("eval_seed",) if config.get("data_fraction", 1) >= 1 else ()  # every row is scored: nothing drawn
     if config.get("forgetting_data_dir"):  # local files replace the Hub dataset, as --data_dir does
         unused += ("forgetting_dataset",)
     elif not config.get("forgetting_dataset"):  # off (or recorded before it existed): its budget means nothing

@@ -71,6 +71,20 @@ def test_the_report_names_valid_png_figures_beside_it(study):
     assert one_set["runs"][1]["test_perplexity"] == results(study["dir"] / "full")["test_perplexity"]
 
 
+def test_the_report_opens_with_a_verdict_whose_numbers_are_those_of_its_tables(study):
+    report = (study["dir"] / "report.md").read_text()
+    assert report.index("## Verdict") < report.index("## Each arm at its chosen learning rate")
+    verdict = report.split("## Verdict")[1].split("\n## ")[0]
+    full = results(study["dir"] / "full")
+    for arm in ("lora-r2", "lora-r4", "ia3"):
+        (row,) = [r for r in report.splitlines() if r.startswith(f"| {arm} ") and "| full " in r and "perplexity" in r]
+        (line,) = [v for v in verdict.splitlines() if f"**{arm}**" in v]
+        assert line.startswith(f"- **Unsettled** ({arm} ran one seed; full ran one seed): **{arm}** against full")
+        assert f"test perplexity {row.split('|')[4].strip()} (n=1, no interval" in line
+        params = results(study["dir"] / arm)["trainable_params"] / full["trainable_params"]
+        assert f"{params:.3g}x the trainable parameters" in line and "x the peak memory" in line
+
+
 def test_the_same_study_again_trains_nothing_and_changes_no_finished_arm(study, capfd):
     before = {arm: (study["dir"] / arm / "results.json").read_bytes() for arm in ARMS}
     capfd.readouterr()
