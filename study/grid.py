@@ -25,11 +25,12 @@ def done(results: Run, to_rung: bool = False) -> bool:
     )
 
 
-def next_rate(rates: list[float], side: str) -> float:
-    """The next rate outward on `side` ("below" or "above") of an ascending grid, at the grid's own spacing (the
-    mean ratio of neighbours; half a decade for one rate), to 3 significant digits as run names hold it."""
-    step = (rates[-1] / rates[0]) ** (1 / (len(rates) - 1)) if len(rates) > 1 else HALF_DECADE
-    return float(f"{rates[0] / step if side == 'below' else rates[-1] * step:.3g}")
+def next_rate(initial: list[float], side: str, k: int) -> float:
+    """The k-th rate added outward on `side` ("below" or "above") of the ascending grid the study was given, at
+    that grid's own spacing (the mean ratio of neighbours; half a decade for one rate), to 3 significant digits as
+    run names hold it."""
+    step = (initial[-1] / initial[0]) ** (1 / (len(initial) - 1)) if len(initial) > 1 else HALF_DECADE
+    return float(f"{initial[0] / step**k if side == 'below' else initial[-1] * step**k:.3g}")
 
 
 @dataclass
@@ -70,7 +71,7 @@ def grow(
         for side in edges(arm_of(found, share)):
             taken = grid.widening.below if side == "below" else grid.widening.above
             if len(taken) < widen:
-                rate = next_rate(grid.rates, side)
+                rate = next_rate(sorted(initial), side, len(taken) + 1)
                 grid.rates = sorted([*grid.rates, rate])
                 grid.rounds[rate] = max(grid.rounds.values()) + 1
                 below, above = grid.widening.below, grid.widening.above

@@ -78,7 +78,7 @@ def test_a_diverged_rate_bounds_the_grid_and_a_one_rate_grid_widens_both_ways_by
     grid, ran, rounds = run_study([1e-4, 3e-4], bowl(1.0, diverges_above=5e-4), widen=3)
     assert rounds == [[1e-4, 3e-4], [9e-4]] and grid.complete  # 9e-4 diverged: 3e-4 is bracketed
     assert arm(ran, grid).notes == ["bracketed by 1e-4 and 9e-4 (diverged)", "diverged at 9e-4"]
-    assert next_rate([1e-4], "below") == 3.16e-5 and next_rate([1e-4], "above") == 3.16e-4
+    assert next_rate([1e-4], "below", 1) == 3.16e-5 and next_rate([1e-4], "above", 2) == 1e-3
     grid, _, rounds = run_study([1e-4], bowl(1e-4), widen=1)
     assert rounds == [[1e-4], [3.16e-5, 3.16e-4]] and grid.rates == [3.16e-5, 1e-4, 3.16e-4]
 
