@@ -586,7 +586,7 @@ def unsettled(arm: statistics.Arm) -> list[str]:
 def ratio(arm: statistics.Arm, reference: statistics.Arm, key: str) -> str | None:
     """The arm's pooled figure over the reference's, as `0.85x`; None when either is missing."""
     mine, theirs = (statistics.pooled_figure(a.chosen.runs, key) for a in (arm, reference))
-    return f"{mine.mean / theirs.mean:.3g}x" if mine and theirs and theirs.mean else None
+    return f"{mine.mean / theirs.mean:#.3g}x" if mine and theirs and theirs.mean else None
 
 
 def verdict(arms: list[statistics.Arm]) -> list[str]:
@@ -620,7 +620,7 @@ def verdict(arms: list[statistics.Arm]) -> list[str]:
             for text, what in (
                 (ratio(arm, full, "trainable_params"), "the trainable parameters"),
                 (ratio(arm, full, memory), "the peak memory"),
-                (time and time + (BUSY_MARK if marked else ""), "the training time"),
+                (time, "the training time" + (BUSY_MARK if marked else "")),
             )
             if text
         ]

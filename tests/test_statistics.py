@@ -151,7 +151,7 @@ def test_the_study_report_shows_each_arm_at_its_chosen_rate_with_spread_and_the_
     difference, interval = [c.strip() for c in row.split("|")[4:6]]
     assert f"test perplexity {difference} (95% CI {interval}, n=3): within noise" in verdict
     assert "**Unsettled** (lora-r8's best rate is at the edge of its grid)" in verdict
-    assert "0.04x the trainable parameters" in verdict  # 40 over 1,000, as the table has them
+    assert "0.0400x the trainable parameters" in verdict  # 40 over 1,000, as the table has them
     assert "![Learning rates](learning_rates.png)" in report
     with Image.open(tmp_path / "learning_rates.png") as image:
         image.verify()

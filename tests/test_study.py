@@ -82,7 +82,7 @@ def test_the_report_opens_with_a_verdict_whose_numbers_are_those_of_its_tables(s
         assert line.startswith(f"- **Unsettled** ({arm} ran one seed; full ran one seed): **{arm}** against full")
         assert f"test perplexity {row.split('|')[4].strip()} (n=1, no interval" in line
         params = results(study["dir"] / arm)["trainable_params"] / full["trainable_params"]
-        assert f"{params:.3g}x the trainable parameters" in line and "x the peak memory" in line
+        assert f"{params:#.3g}x the trainable parameters" in line and "x the peak memory" in line
 
 
 def test_the_same_study_again_trains_nothing_and_changes_no_finished_arm(study, capfd):
