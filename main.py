@@ -408,6 +408,8 @@ def study_rate_errors(parser: argparse.ArgumentParser, args: argparse.Namespace)
             parser.error(f"--learning_rates {method}=: {method} is not a trained arm of --arms {','.join(trained)}")
     if len(set(methods)) < len(methods):
         parser.error("--learning_rates: one list per method (and one plain list)")
+    if args.halving and not (args.learning_rates or args.lr_sweep or args.widen):
+        parser.error(f"--halving {args.halving} chooses among rates: give --learning_rates, --lr_sweep or --widen")
     from study.statistics import rate_text
 
     for method, rates in args.learning_rates or []:  # a run's name holds its rate to 3 significant digits

@@ -190,14 +190,15 @@ def plot_learning_rates(arms: list[Arm], path: Path) -> None:
             )
         if arm.chosen:
             top.scatter(arm.chosen.rate, arm.chosen.val_loss.mean, marker="*", s=260, color=color[arm.name], zorder=4)
-        added = [r for r in points if r.added]
-        if added:
-            x, y = [r.rate for r in added], [r.val_loss.mean for r in added]
-            top.scatter(x, y, marker="s", s=110, facecolors="none", edgecolors=color[arm.name], zorder=3)
         stopped = [r for r in arm.rates if r.stopped_at and r.rung_loss]
         if stopped:  # at the rung, a loss of fewer steps than the line's: drawn apart, hollow
             x, y = [r.rate for r in stopped], [r.rung_loss.mean for r in stopped]
             top.scatter(x, y, marker="o", s=50, facecolors="none", edgecolors=color[arm.name], zorder=3)
+        added = [(r.rate, r.val_loss.mean) for r in points if r.added]
+        added += [(r.rate, r.rung_loss.mean) for r in stopped if r.added]
+        if added:
+            x, y = zip(*added, strict=True)
+            top.scatter(x, y, marker="s", s=110, facecolors="none", edgecolors=color[arm.name], zorder=3)
         bad = [r.rate for r in arm.rates if r.diverged]
         if bad:
             label = None if points else f"{arm.name} (every rate diverged)"

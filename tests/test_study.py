@@ -179,6 +179,8 @@ def test_the_quick_start_runs_share_one_table_however_their_flags_were_typed(tmp
         (["--jobs", "4096"], "--jobs 4096: more runs at once than"),
         (["--only", "3"], "--only 3: the study has runs 0 to 2 now"),
         (["--learning_rates", "full=1.001e-4,1.002e-4"], "equal to 3 significant digits would share a run"),
+        (["--halving", "3"], "--halving 3 chooses among rates: give --learning_rates, --lr_sweep or --widen"),
+        (["--halving", "1", "--lr_sweep", "3"], "--halving: must be 2 or more, got 1"),
     ],
 )
 def test_bad_study_input_is_one_error_line_before_anything_runs(flags, says, tmp_path, capsys, monkeypatch):
