@@ -108,7 +108,7 @@ def test_runs_of_other_settings_get_their_own_table_and_a_saved_model_is_no_base
     capsys.readouterr()
     assert cli.main(study["argv"]) == 0
     printed = capsys.readouterr().out
-    assert "other-block" not in printed and "again" not in printed and "base (base)" in printed
+    assert "other-block" not in printed and "(again)" not in printed and "base (base)" in printed
 
     study_report = (study["dir"] / "report.md").read_text()
     assert cli.main(["compare", "--output_dir", str(study["dir"]), "--all"]) == 0
