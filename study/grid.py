@@ -67,19 +67,15 @@ def grow(
             grid.to_end = set(grid.rates)
         if not all(done(r) for rate in grid.to_end for r in found[rate]):
             return grid
-        added = False
-        for side in edges(arm_of(found, share)):
-            taken = grid.widening.below if side == "below" else grid.widening.above
-            if len(taken) < widen:
-                rate = next_rate(sorted(initial), side, len(taken) + 1)
-                grid.rates = sorted([*grid.rates, rate])
-                grid.rounds[rate] = max(grid.rounds.values()) + 1
-                below, above = grid.widening.below, grid.widening.above
-                grid.widening = replace(
-                    grid.widening, **({"below": (*below, rate)} if side == "below" else {"above": (*above, rate)})
-                )
-                added = True
-        if not added:
+        round_number = max(grid.rounds.values()) + 1
+        sides = [side for side in edges(arm_of(found, share)) if len(getattr(grid.widening, side)) < widen]
+        for side in sides:
+            taken = getattr(grid.widening, side)
+            rate = next_rate(sorted(initial), side, len(taken) + 1)
+            grid.rates = sorted([*grid.rates, rate])
+            grid.rounds[rate] = round_number
+            grid.widening = replace(grid.widening, **{side: (*taken, rate)})
+        if not sides:
             grid.complete = True
             return grid
 
