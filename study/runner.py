@@ -481,20 +481,20 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if study.only is not None:
         return execute([every[study.only]], study_dir, name, launcher, parser)
     print(f"study {name}: {len(plan.runs)} runs ({', '.join(r.name for r in plan.runs)}) in {study_dir}", flush=True)
+    runs = plan.runs  # the first round names the runs it skips; later ones run only what is left
     while True:
-        execute(plan.runs, study_dir, name, launcher, parser)
-        short = [run.name for run in plan.runs if not is_done(study_dir, run)]
+        execute(runs, study_dir, name, launcher, parser)
+        short = [run.name for run in runs if not is_done(study_dir, run)]
         if short:  # each ended without an error, yet short of its target: another round would start it again
             raise ToolError(
                 f"study {name}: {', '.join(short)} ended short of what it was run for; see its results.json"
             )
-        known = {run.name: run.settings for run in plan.runs}
         plan = planned_runs(study, shared, study_dir)
         if plan.complete:
             break
-        added = [run.name for run in plan.runs if known.get(run.name) != run.settings]
-        print(f"study {name}: next round: {', '.join(added)}", flush=True)
-        check_settings(study_dir, name, plan.runs)
+        runs = [run for run in plan.runs if not is_done(study_dir, run)]
+        print(f"study {name}: next round: {', '.join(run.name for run in runs)}", flush=True)
+        check_settings(study_dir, name, runs)
     generation = generation_runs(shared, study_dir, plan)
     check_settings(study_dir, name, generation)
     execute(generation, study_dir, name, launcher, parser)
