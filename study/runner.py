@@ -493,7 +493,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         if plan.complete:
             break
         runs = [run for run in plan.runs if not is_done(study_dir, run)]
-        print(f"study {name}: next round: {', '.join(run.name for run in runs)}", flush=True)
+        listed = [run.name + (" (to the rung)" if run.settings.stop_at_share else "") for run in runs]
+        print(f"study {name}: next round: {', '.join(listed)}", flush=True)
         check_settings(study_dir, name, runs)
     generation = generation_runs(shared, study_dir, plan)
     check_settings(study_dir, name, generation)
