@@ -28,6 +28,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def at_least_two(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be 2 or more, got {text}")
+    return value
+
+
 def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -53,6 +60,13 @@ def fraction(text: str) -> float:
     value = float(text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def share(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
     return value
 
 
@@ -184,6 +198,12 @@ def data_flags(forgetting: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--batch_size", type=positive_int, default=4, help="blocks per device per step (default: 4)")
     g.add_argument("--seed", type=int, default=2024, help="(default: 2024)")
     g.add_argument(
+        "--eval_seed",
+        type=int,
+        default=0,
+        help="draws --data_fraction's validation and test rows, the same for every --seed (default: 0)",
+    )
+    g.add_argument(
         "--precision",
         choices=["auto", "fp32", "fp16", "bf16"],
         default="auto",
@@ -255,6 +275,13 @@ def training_flags(learning_rate: float | None, weight_decay: float | None) -> a
         "--save_steps", type=positive_int, help="checkpoint every N steps (default: every epoch and the end)"
     )
     g.add_argument("--save_total_limit", type=positive_int, default=2, help="checkpoints kept (default: 2)")
+    g.add_argument(
+        "--stop_at_share",
+        type=share,
+        metavar="SHARE",
+        help="stop once this share of the run's steps is done (rounded up), on its whole schedule, with a validation "
+        "and a checkpoint: recorded as stopped_early; --resume continues it",
+    )
     g.add_argument(
         "--resume",
         nargs="?",
@@ -331,6 +358,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--study_name", help="directory under --output_dir (default: study-<timestamp>)")
     g.add_argument("--learning_rates", nargs="+", type=method_rates, metavar="[METHOD=]R1,R2", help="rates to sweep")
     g.add_argument("--lr_sweep", type=positive_int, metavar="N", help="N rates half a decade apart per method")
+    g.add_argument(
+        "--widen",
+        type=non_negative_int,
+        metavar="N",
+        help="while an arm's best rate is at an edge of its grid, add the next rate outward, at most N per side "
+        "(default: 2 with --learning_rates or --lr_sweep, else 0)",
+    )
+    g.add_argument(
+        "--halving",
+        type=at_least_two,
+        metavar="ETA",
+        help="successive halving: every rate trains 1/ETA of the steps, the best ceil(n/ETA) per arm go on",
+    )
     g.add_argument("--seeds", type=seed_list, help="seeds to repeat every arm and rate with (default: --seed)")
     g.add_argument("--jobs", type=positive_int, default=1, help="runs at once (default: 1)")
     g.add_argument("--gpus_per_run", type=positive_int, default=1, help="GPUs per run, under torchrun (default: 1)")
@@ -350,7 +390,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     if args.command == "peft" and not args.peft_config:  # not argparse's required: the study parses its defaults
         parser.error("peft needs --peft_config FILE (a PEFT config file, or a folder holding adapter_config.json)")
     if args.command == "study":
-        per_arm = [f"--{k}" for k in ("run_name", "resume") if getattr(args, k) is not None]
+        per_arm = [f"--{k}" for k in ("run_name", "resume", "stop_at_share") if getattr(args, k) is not None]
         if per_arm:
             parser.error(f"study sets {' and '.join(per_arm)} for each arm itself; rerun the same command to continue")
         if (args.list or args.only is not None) and not args.study_name:  # each call would name a new study
@@ -371,6 +411,8 @@ def study_rate_errors(parser: argparse.ArgumentParser, args: argparse.Namespace)
             parser.error(f"--learning_rates {method}=: {method} is not a trained arm of --arms {','.join(trained)}")
     if len(set(methods)) < len(methods):
         parser.error("--learning_rates: one list per method (and one plain list)")
+    if args.halving and not (args.learning_rates or args.lr_sweep or args.widen):
+        parser.error(f"--halving {args.halving} chooses among rates: give --learning_rates, --lr_sweep or --widen")
     from study.statistics import rate_text
 
     for method, rates in args.learning_rates or []:  # a run's name holds its rate to 3 significant digits

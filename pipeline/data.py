@@ -167,15 +167,17 @@ def prepare_lm_splits(
     block_size: int,
     data_fraction: float,
     seed: int,
+    eval_seed: int,
     cache_dir: Path,
     eval_stride: int | None = None,
 ) -> dict[str, PackedBlocks]:
     """Each split as packed blocks, the validation and test windows `eval_stride` apart; a split too small for one
-    block is an error the user can fix."""
+    block is an error the user can fix. A fraction of the training rows is drawn with `seed`, of the validation
+    and test rows with `eval_seed`: seeds of one setting vary the training and are scored on the same rows."""
     tokenizer_key = tokenizer_fingerprint(tokenizer)
     packed = {}
     for name, split in splits.items():
-        texts = take_fraction(split, data_fraction, seed)["text"]
+        texts = take_fraction(split, data_fraction, seed if name == "train" else eval_seed)["text"]
         blocks = packed_blocks_cached(texts, tokenizer, block_size, cache_dir, tokenizer_key)
         if len(blocks) == 0:
             raise ToolError(

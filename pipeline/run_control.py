@@ -15,6 +15,7 @@ from transformers.trainer_utils import rotate_checkpoints
 from pipeline.lean_training import LeanTrainingMixin
 from pipeline.measurement import RunClock
 from pipeline.run_directory import CHECKPOINT_FIGURES
+from pipeline.settings import stop_step
 from utils import ToolError, make_durable
 
 
@@ -76,6 +77,48 @@ class StopWhenNothingIsLeft(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if state.global_step >= state.max_steps:
             raise NothingLeftToTrain
+
+
+class StopAtShare(TrainerCallback):
+    """--stop_at_share: on the schedule of the whole run, stop after step `stop_step(max_steps, share)` with a
+    validation and then a checkpoint (the Trainer's order: the checkpoint's log holds that validation), so the
+    stopped run's losses are the whole run's at that step and --resume continues it. Resumed at that step, there
+    is nothing to train; resumed past it, the run goes on."""
+
+    def __init__(self, share: float) -> None:
+        self.share = share
+        self.step: int | None = None
+        self._random_state: torch.Tensor | None = None
+        self._cuda_random_state: list[torch.Tensor] | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.step = stop_step(state.max_steps, self.share)
+        if self.step is not None and state.global_step > self.step:
+            self.step = None
+        elif self.step is not None and state.global_step == self.step:
+            raise NothingLeftToTrain
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_evaluate = control.should_save = control.should_training_stop = True
+            # the validation's data loader draws a seed: the checkpoint gets the random state of a run that did not
+            # validate here, so a resumed run goes on as the whole run would have
+            self._random_state = torch.random.get_rng_state()
+            self._cuda_random_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if self._random_state is not None:
+            torch.random.set_rng_state(self._random_state)
+            if self._cuda_random_state is not None:
+                torch.cuda.set_rng_state_all(self._cuda_random_state)
+            self._random_state = None
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:  # validated and saved at the step already
+            control.should_evaluate = control.should_save = False
+
+    def stopped(self, state) -> bool:
+        return self.step is not None and state.global_step == self.step
 
 
 class CheckedTrainer(LeanTrainingMixin, Trainer):

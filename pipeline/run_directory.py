@@ -18,7 +18,7 @@ RESULTS = "results.json"
 # Written last into every checkpoint, so its presence is what makes a checkpoint complete.
 CHECKPOINT_FIGURES = "run_figures.json"
 LOCK = ".lock"
-UNFINISHED = ("running", "interrupted")
+UNFINISHED = ("running", "interrupted", "stopped_early")
 
 
 @dataclass

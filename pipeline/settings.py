@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +28,13 @@ PEFT = ("peft",)
 EVALUATE = ("evaluate",)
 # Each method's own learning rate and weight decay, used unless a flag sets them.
 METHOD_DEFAULTS = {"full": (1e-5, 0.01), "lora": (1e-4, 0.0), "peft": (1e-4, 0.0)}
+
+
+def stop_step(max_steps: int, share: float) -> int | None:
+    """The optimizer step a run of `max_steps` stops at under --stop_at_share `share` (rounded up); None when that
+    is its last step (it simply finishes)."""
+    step = math.ceil(max_steps * share - 1e-9)  # 1/3 of 6 steps is step 2, whatever float rounding says
+    return step if step < max_steps else None
 
 
 def setting(kind: Kind, commands: tuple[str, ...]) -> Any:
@@ -50,6 +58,7 @@ class RunSettings:
     eval_stride: int | None = setting("experiment", DATA)  # None: the blocks (study/report.py compares it so)
     batch_size: int = setting("swept", DATA)  # the global batch, which defines the training, is compared below
     seed: int = setting("replicate", DATA)
+    eval_seed: int = setting("experiment", DATA)  # the rows of a fraction of validation and test: alike per seed
     precision: str = setting("experiment", DATA)  # compared as resolved (auto -> what ran), see `comparable`
     cache_dir: str = setting("bookkeeping", DATA)
     output_dir: str = setting("bookkeeping", DATA)
@@ -78,6 +87,7 @@ class RunSettings:
     activation_checkpointing: bool | None = setting("swept", TRAINING)
     save_steps: int | None = setting("bookkeeping", TRAINING)
     save_total_limit: int | None = setting("bookkeeping", TRAINING)
+    stop_at_share: float | None = setting("bookkeeping", TRAINING)  # how far this session goes, as --resume says
     resume: str | None = setting("bookkeeping", DATA)
     fsdp: str | None = setting("swept", TRAINING)
     fsdp_config: str | None = setting("swept", TRAINING)

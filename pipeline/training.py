@@ -21,7 +21,7 @@ from pipeline.forgetting import Forgetting, forgetting_blocks
 from pipeline.generation import evaluate_generation
 from pipeline.measurement import MachineLoad, PeakMemoryTracker, best, max_over_processes, perplexity
 from pipeline.modeling import count_parameters
-from pipeline.run_control import CheckedTrainer, StopOnSignal
+from pipeline.run_control import CheckedTrainer, StopAtShare, StopOnSignal
 from pipeline.run_directory import RunDirectory, mark_failed, open_run, write_checkpoint_figures, write_results
 from pipeline.settings import TRAINING, RunSettings
 from pipeline.summary import method_name, plot_loss_curves, print_run_summary
@@ -194,7 +194,14 @@ def load_packed_splits(args: RunSettings, tokenizer: PreTrainedTokenizerBase) ->
     """The text splits, each packed into blocks (from the cache when it has them), and the forgetting blocks."""
     splits = load_text_splits(args.dataset, args.dataset_config, args.data_dir)
     data = prepare_lm_splits(
-        splits, tokenizer, args.block_size, args.data_fraction, args.seed, args.cache_dir, args.eval_stride
+        splits,
+        tokenizer,
+        args.block_size,
+        args.data_fraction,
+        args.seed,
+        args.eval_seed,
+        args.cache_dir,
+        args.eval_stride,
     )
     forgetting = forgetting_blocks(args, tokenizer)
     if forgetting.unavailable_reason and process_state().is_main_process:
@@ -332,6 +339,7 @@ def figures_so_far(
         **clock.seconds,
         **peaks,
         "optimizer_steps": trainer.state.global_step,
+        "total_steps": trainer.state.max_steps,  # the whole run's, which its schedule spans
         "train_tokens": tokens,
         "first_step_tokens": clock.first_step_tokens,
         "train_tokens_per_s": clock.tokens_per_s(tokens),
@@ -377,6 +385,9 @@ def train_evaluate_save(
     trainer.clock.start_from(run.figures)
     stop = StopOnSignal()
     trainer.add_callback(stop)
+    rung = StopAtShare(args.stop_at_share) if args.stop_at_share else None
+    if rung:
+        trainer.add_callback(rung)
     results = run_record(args, mode, run, model, trainer, checkpoint_dtype, forgetting)
     main = trainer.is_world_process_zero()
 
@@ -404,8 +415,40 @@ def train_evaluate_save(
 
         if stop.received:
             raise interrupted(trainer, results, stop.received, mode)
+        if rung and rung.stopped(trainer.state):
+            return stopped_early(trainer, results, rung)
         results["model_size_mb"] = save_model(trainer, tokenizer, run.path / ("model" if mode == "full" else "adapter"))
         return evaluate_and_save_results(args, results, trainer, tokenizer, splits, data, load)
+
+
+def stopped_early(trainer: Trainer, results: dict[str, Any], rung: StopAtShare) -> dict[str, Any]:
+    """Record a run stopped at --stop_at_share's step: its validation there and the checkpoint to resume from. It
+    has no final or test figures: it did not finish."""
+    run_dir = Path(results["run_dir"])
+    history = trainer.state.log_history
+    validation = next(e for e in reversed(history) if "eval_loss" in e and e["step"] == rung.step)
+    checkpoint = run_dir / "checkpoints" / f"checkpoint-{rung.step}"
+    if trainer.is_world_process_zero():
+        results.update(
+            status="stopped_early",
+            stopped_early={
+                "step": rung.step,
+                "max_steps": trainer.state.max_steps,
+                "share": rung.share,
+                "val_loss": validation["eval_loss"],
+                "forgetting_loss": validation.get("forgetting_loss"),
+                "checkpoint": str(checkpoint),
+            },
+            best_train_loss=best(history, "loss"),
+            best_val_loss=best(history, "eval_loss"),
+            log_history=history,
+        )
+        write_results(run_dir, results)
+        print(
+            f"stopped early at step {rung.step} of {trainer.state.max_steps} (--stop_at_share {rung.share:g}), "
+            f"validation loss {validation['eval_loss']:.4f}; continue it with --resume --run_name {run_dir.name}"
+        )
+    return results
 
 
 def interrupted(trainer: Trainer, results: dict[str, Any], signal_name: str, mode: str) -> RunInterrupted:

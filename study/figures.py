@@ -170,8 +170,9 @@ def plot_tradeoff(runs: list[Run], labels: list[str], memory_key: str, path: Pat
 
 def plot_learning_rates(arms: list[Arm], path: Path) -> None:
     """Final validation loss (mean over seeds, error bars one sample standard deviation) against learning rate on
-    a log axis, a line per trained arm, each chosen rate a star and a rate that diverged an x on the lower edge;
-    below, each LoRA-family arm's chosen rate as a multiple of full fine-tuning's."""
+    a log axis, a line per trained arm, each chosen rate a star, a rate added by widening in a square, a rate
+    stopped early (halving) a hollow circle at its loss at the rung, and a rate that diverged an x on the lower
+    edge; below, each LoRA-family arm's chosen rate as a multiple of full fine-tuning's."""
     trained = [a for a in arms if a.name != "base"]
     multiples = rate_multiples(arms)
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7.5), gridspec_kw={"height_ratios": [3, 1.2]}, squeeze=True)
@@ -190,6 +191,15 @@ def plot_learning_rates(arms: list[Arm], path: Path) -> None:
             )
         if arm.chosen:
             top.scatter(arm.chosen.rate, arm.chosen.val_loss.mean, marker="*", s=260, color=color[arm.name], zorder=4)
+        stopped = [r for r in arm.rates if r.stopped_at and r.rung_loss]
+        if stopped:  # at the rung, a loss of fewer steps than the line's: drawn apart, hollow
+            x, y = [r.rate for r in stopped], [r.rung_loss.mean for r in stopped]
+            top.scatter(x, y, marker="o", s=50, facecolors="none", edgecolors=color[arm.name], zorder=3)
+        added = [(r.rate, r.val_loss.mean) for r in points if r.added]
+        added += [(r.rate, r.rung_loss.mean) for r in stopped if r.added]
+        if added:
+            x, y = zip(*added, strict=True)
+            top.scatter(x, y, marker="s", s=110, facecolors="none", edgecolors=color[arm.name], zorder=3)
         bad = [r.rate for r in arm.rates if r.diverged]
         if bad:
             label = None if points else f"{arm.name} (every rate diverged)"
@@ -204,8 +214,12 @@ def plot_learning_rates(arms: list[Arm], path: Path) -> None:
     if every_rate:  # diverged rates, drawn against the axis rather than the data, must be in view too
         top.set_xlim(min(every_rate) / 1.6, max(every_rate) * 1.6)
     top.set(xlabel="learning rate (log scale)", ylabel="final validation loss (nats/token)")
-    title = "Validation loss against learning rate (mean over seeds ± 1 SD; star: chosen; x: diverged)"
-    top.set_title(title, fontsize=10)
+    title = "Validation loss against learning rate (mean over seeds ± 1 SD; star: chosen; x: diverged"
+    if any(r.added for a in trained for r in a.rates):
+        title += "; square: added by widening"
+    if any(r.stopped_at for a in trained for r in a.rates):
+        title += ";\nhollow circle: stopped early, its loss at the rung"
+    top.set_title(title + ")", fontsize=10)
     top.grid(alpha=0.3, which="both")
     if top.get_legend_handles_labels()[0]:
         top.legend(fontsize=8)

@@ -15,9 +15,11 @@ from analysis.update_shape import update_shape_text
 from pipeline.hub import canonical_id
 from pipeline.settings import EVALUATE, SETTING_KINDS, TRAINING, is_local, names_of_kind
 from pipeline.summary import (
+    BUSY_MARK,
     BUSY_NOTE,
     UNAVAILABLE,
     busy,
+    format_value,
     lookup,
     method_name,
     table_rows,
@@ -82,14 +84,16 @@ NOT_ADAPTER_SETTINGS = ("base_model_name_or_path", "revision", "inference_mode",
 
 def settings(run: Run) -> dict[str, Any]:
     """What the run is: every setting but bookkeeping (and the Hub dataset when --data_dir replaced it, the epochs
-    when --max_steps did; the evaluation stride as the tokens it is; a --peft_config file's content rather than its
-    path), its method, the precision it ran at, on how many processes and GPUs, and on what."""
+    when --max_steps did, the evaluation seed when no fraction was drawn; the evaluation stride as the tokens it is;
+    a --peft_config file's content rather than its path), its method, the precision it ran at, on how many
+    processes and GPUs, and on what."""
     config = run.get("config", {})
     if run["mode"] in TRAINING:
         config = UNRECORDED_DEFAULTS | config
     config = config | {"eval_stride": config.get("eval_stride") or config.get("block_size")}  # unset: the blocks
     unused = ("dataset", "dataset_config") if config.get("data_dir") else ()
     unused += ("epochs",) if config.get("max_steps") else ()
+    unused += ("eval_seed",) if config.get("data_fraction", 1) >= 1 else ()  # every row is scored: nothing drawn
     if config.get("forgetting_data_dir"):  # local files replace the Hub dataset, as --data_dir does
         unused += ("forgetting_dataset",)
     elif not config.get("forgetting_dataset"):  # off (or recorded before it existed): its budget means nothing
@@ -428,18 +432,24 @@ def example_continuations(runs: list[Run], labels: list[str], count: int = 3) ->
     return tabulate(cells, ["prompt", "reference", *continuations], "github")
 
 
-def study_report(study_dir: Path, runs: list[Run]) -> str:
-    """The report of one study's runs (they differ only in arm, learning rate and seed): each arm at the rate
-    chosen on mean validation loss over seeds, figures pooled over seeds, paired differences against full
+def study_report(
+    study_dir: Path,
+    runs: list[Run],
+    share: float | None = None,
+    widenings: dict[str, statistics.Widening] | None = None,
+) -> str:
+    """The report of one study's runs (they differ only in arm, learning rate and seed): the verdict, each arm at
+    the rate chosen on mean validation loss over seeds, figures pooled over seeds, paired differences against full
     fine-tuning and the base model, the learning-rate figure and the study's cost; then the chosen runs side by
-    side as `compare` shows runs. Writes report.md, study.json and the comparison files; returns the text printed."""
+    side as `compare` shows runs. `share`: halving's rung (a share of the steps); `widenings`: what widening added
+    to each arm's grid. Writes report.md, study.json and the comparison files; returns the text printed."""
     from study import figures
 
-    arms = statistics.choose_rates(with_forgetting_change(runs))
+    arms = statistics.choose_rates(with_forgetting_change(runs), share, widenings)
     chosen = [r for a in arms if a.chosen for r in a.chosen.runs]
     figures.plot_learning_rates(arms, study_dir / "learning_rates.png")
-    sections = study_sections(arms, runs)
-    atomic_write_json(study_dir / STUDY_RECORD, study_record(arms, runs))
+    sections = study_sections(arms, runs, share)
+    atomic_write_json(study_dir / STUDY_RECORD, study_record(arms, runs, share))
     table = write_comparison(study_dir, [columns(chosen)], sections) if chosen else ""
     if not chosen:
         atomic_write_text(study_dir / "report.md", "\n".join([f"# Report: {study_dir.name}", *sections]) + "\n")
@@ -490,14 +500,16 @@ def mixed_measurement_note(runs: list[Run]) -> list[str]:
     ]
 
 
-def study_sections(arms: list[statistics.Arm], runs: list[Run]) -> list[str]:
+def study_sections(arms: list[statistics.Arm], runs: list[Run], share: float | None = None) -> list[str]:
     """The study's own part of the report, as Markdown lines."""
     seeds = sorted({statistics.seed(r) for r in runs} - {None})
     trained = [a for a in arms if a.name != "base"]
     swept = any(len(a.rates) > 1 for a in trained)
-    lines = ["", "## Each arm at its chosen learning rate", "", pooled_table(arms)]
+    lines = ["", "## Verdict", "", *verdict(arms)]
+    lines += ["", "## Each arm at its chosen learning rate", "", pooled_table(arms)]
     lines += busy_note([r for a in arms if a.chosen for r in a.chosen.runs])
     lines += mixed_measurement_note(runs)
+    lines += ["", evaluation_rows_note(runs)] if len(seeds) > 1 else []
     lines += [
         "",
         f"Each trained arm's learning rate is the one with the lowest final validation loss (`val_loss`), the mean "
@@ -515,7 +527,7 @@ def study_sections(arms: list[statistics.Arm], runs: list[Run]) -> list[str]:
         ]
     notes = [f"- **{a.name}**: {note}" for a in arms for note in a.notes]
     lines += ["", *notes] if notes else []
-    lines += ["", "## Learning rates", "", "![Learning rates](learning_rates.png)", "", rate_table(trained)]
+    lines += ["", "## Learning rates", "", "![Learning rates](learning_rates.png)", "", rate_table(trained, share)]
     multiples = statistics.rate_multiples(arms)
     if multiples:
         lines += [
@@ -529,27 +541,132 @@ def study_sections(arms: list[statistics.Arm], runs: list[Run]) -> list[str]:
     return lines
 
 
-def rate_table(arms: list[statistics.Arm]) -> str:
+def rate_table(arms: list[statistics.Arm], share: float | None = None) -> str:
+    """Every rate of every trained arm: its final validation loss, and with halving its loss at the rung."""
     rows = []
     for arm in arms:
         for rate in arm.rates:
             if rate.diverged:
                 loss = "diverged"
+            elif rate.stopped_at:
+                loss = f"stopped at step {rate.stopped_at}"
             elif rate.val_loss is None:
                 loss = "unfinished"
             else:
                 loss = rate.val_loss.text()
-            rows.append([arm.name, statistics.rate_text(rate.rate), loss, "chosen" if rate is arm.chosen else ""])
-    return tabulate(rows, ["arm", "learning rate", "final validation loss", ""], "github", disable_numparse=True)
+            row = [arm.name, statistics.rate_text(rate.rate) + (" (added)" if rate.added else "")]
+            row += [rate.rung_loss.text() if rate.rung_loss else "-"] if share else []
+            rows.append([*row, loss, "chosen" if rate is arm.chosen else ""])
+    rung = [f"validation loss at the rung ({share:.3g} of the steps)"] if share else []
+    headers = ["arm", "learning rate", *rung, "final validation loss", ""]
+    table = tabulate(rows, headers, "github", disable_numparse=True)
+    if share:
+        table += (
+            "\n\nSuccessive halving: every rate trained to the rung on the schedule of the whole run, and only the "
+            f"best ceil(n x {share:.3g}) of each arm's n rates (by mean validation loss over seeds at the rung, never "
+            "test) went on; the others stopped there, each with a checkpoint that `--resume` continues."
+        )
+    if any(r.added for a in arms for r in a.rates):
+        table += (
+            "\n\n(added): a rate the study added by widening (`--widen`), outward from an edge where the best rate was."
+        )
+    return table
+
+
+def signed(value: float) -> str:
+    """A difference as the difference table and the verdict write it."""
+    return f"{value:+,.4f}"
+
+
+def interval_text(d: statistics.Difference) -> str:
+    return "-" if d.low is None else f"[{signed(d.low)}, {signed(d.high)}]"
+
+
+def unsettled(arm: statistics.Arm) -> list[str]:
+    """Why an arm's figures may not be its settled answer: its best rate at an edge of its grid, or one seed."""
+    reasons = [f"{arm.name}'s best rate is at the edge of its grid"] if arm.at_edge else []
+    return reasons + ([f"{arm.name} ran one seed"] if arm.chosen and len(arm.chosen.runs) < 2 else [])
+
+
+def ratio(arm: statistics.Arm, reference: statistics.Arm, key: str) -> str | None:
+    """The arm's pooled figure over the reference's, as `0.85x`; None when either is missing."""
+    mine, theirs = (statistics.pooled_figure(a.chosen.runs, key) for a in (arm, reference))
+    return f"{mine.mean / theirs.mean:#.3g}x" if mine and theirs and theirs.mean else None
+
+
+def verdict(arms: list[statistics.Arm]) -> list[str]:
+    """A sentence per adapter arm against full fine-tuning, from the figures of the tables below: the paired test
+    perplexity difference with its 95% interval, trainable parameters, peak memory and training time as ratios,
+    and the forgetting of both."""
+    full = next((a for a in arms if a.name == "full" and a.chosen), None)
+    adapters = [a for a in arms if a.name not in ("base", "full")]
+    if full is None or not adapters:
+        return ["No adapter arm and full fine-tuning arm with results to set against each other."]
+    paired = {
+        d.arm: d for d in statistics.arm_differences(arms) if d.reference == "full" and d.key == "test_perplexity"
+    }
+    chosen = [r for a in arms if a.chosen for r in a.chosen.runs]
+    memory = "peak_gpu_memory_mb" if any(r.get("peak_gpu_memory_mb") for r in chosen) else "peak_cpu_memory_mb"
+    lines = []
+    for arm in adapters:
+        if arm.chosen is None:
+            lines.append(f"- **{arm.name}**: no figures ({'every rate diverged' if arm.failed else 'unfinished'}).")
+            continue
+        d = paired.get(arm.name)
+        if d is None:
+            quality = "test perplexity not paired with full fine-tuning's by seed"
+        elif d.beyond_noise is None:
+            quality = f"test perplexity {signed(d.mean)} (n={d.n}, no interval: the noise is unknown)"
+        else:
+            side = "within noise" if not d.beyond_noise else "higher" if d.mean > 0 else "lower"
+            quality = f"test perplexity {signed(d.mean)} (95% CI {interval_text(d)}, n={d.n}): {side}"
+        time = ratio(arm, full, "train_time_s")
+        marked = any(busy(r) for r in arm.chosen.runs + full.chosen.runs)
+        costs = [
+            f"{text} {what}"
+            for text, what in (
+                (ratio(arm, full, "trainable_params"), "the trainable parameters"),
+                (ratio(arm, full, memory), "the peak memory"),
+                (time, "the training time" + (BUSY_MARK if marked else "")),
+            )
+            if text
+        ]
+        forgetting = [statistics.pooled_figure(a.chosen.runs, "forgetting_loss_change") for a in (arm, full)]
+        forgot = (
+            f"; forgetting (loss change vs base) {format_value(forgetting[0].mean)}, full fine-tuning's "
+            f"{format_value(forgetting[1].mean)}"
+            if all(forgetting)
+            else ""
+        )
+        why = unsettled(arm) + unsettled(full)
+        prefix = f"**Unsettled** ({'; '.join(why)}): " if why else ""
+        lines.append(f"- {prefix}**{arm.name}** against full fine-tuning: {quality}; {', '.join(costs)}{forgot}.")
+    lines += [
+        "",
+        "Differences are arm minus full fine-tuning, paired by seed (the table of differences below); ratios are "
+        "the arm's mean over full fine-tuning's (the table below); within noise: the interval holds 0.",
+    ]
+    return lines
+
+
+def evaluation_rows_note(runs: list[Run]) -> str:
+    """What a seed varies: the training only; every seed is scored on the same validation and test rows."""
+    fractions = {r.get("config", {}).get("data_fraction", 1) for r in runs}
+    if fractions == {1} or fractions == {1.0}:
+        rows = "the whole validation and test splits"
+    else:
+        eval_seeds = sorted({r.get("config", {}).get("eval_seed") for r in runs}, key=str)
+        rows = f"the same validation and test rows (--eval_seed {', '.join(map(str, eval_seeds))})"
+    return (
+        "A seed varies the training (data order, initialisation, dropout); every seed is scored on "
+        f"{rows}, so the intervals measure training noise, not the sampling of the test set."
+    )
 
 
 def difference_table(found: list[statistics.Difference]) -> str:
     if not found:
         return "No arm pairs with full fine-tuning or the base model by seed."
-    rows = []
-    for d in found:
-        interval = "-" if d.low is None else f"[{d.low:+,.4f}, {d.high:+,.4f}]"
-        rows.append([d.arm, d.reference, d.key, f"{d.mean:+,.4f}", interval, str(d.n), d.verdict()])
+    rows = [[d.arm, d.reference, d.key, signed(d.mean), interval_text(d), str(d.n), d.verdict()] for d in found]
     headers = ["arm", "reference", "figure", "difference (arm - reference)", "95% CI", "seeds", "verdict"]
     lines = [tabulate(rows, headers, "github", disable_numparse=True), ""]
     lines.append(
@@ -573,6 +690,14 @@ def cost_text(cost: dict[str, Any]) -> str:
         )
         + " (training and generation time x the GPUs, or the CPU threads, each run used)."
     )
+    if cost["device_hours_without_halving"]:
+        saved = cost["device_hours_without_halving"] - cost["device_hours"]
+        text += (
+            f" Successive halving stopped {cost['stopped_early_runs']} runs at the rung: trained to the end, the same "
+            f"runs would have taken about {cost['device_hours_without_halving']:,.4f} {cost['device_hours_unit']}, "
+            f"so it saved {saved:,.4f} ({saved / cost['device_hours_without_halving']:.0%}; each stopped run's "
+            "device-hours scaled by its whole run's steps over the steps it ran)."
+        )
     if cost["sweep_factor"]:
         text += f" The learning-rate sweep multiplied the device-hours by {cost['sweep_factor']:.2f}"
         text += f" and the seeds by {cost['seeds_factor']:.2f}" if cost["seeds_factor"] else ""
@@ -580,15 +705,18 @@ def cost_text(cost: dict[str, Any]) -> str:
     return text
 
 
-def study_record(arms: list[statistics.Arm], runs: list[Run]) -> dict[str, Any]:
+def study_record(arms: list[statistics.Arm], runs: list[Run], share: float | None = None) -> dict[str, Any]:
     """study.json: each arm's grid and choice, the paired differences and the cost."""
     return {
+        "halving_share": share,
         "arms": [
             {
                 "arm": a.name,
                 "chosen_learning_rate": a.chosen.rate if a.chosen else None,
                 "failed": a.failed,
                 "at_edge_of_grid": a.at_edge,
+                "bracketed_by": [r.rate for r in a.bracket] if a.bracket else None,
+                "unsettled": unsettled(a),
                 "notes": a.notes,
                 "rates": [
                     {
@@ -597,6 +725,9 @@ def study_record(arms: list[statistics.Arm], runs: list[Run]) -> dict[str, Any]:
                         "val_loss_mean": r.val_loss.mean if r.val_loss else None,
                         "val_loss_std": r.val_loss.std if r.val_loss else None,
                         "diverged": r.diverged,
+                        "added_by_widening": r.added,
+                        "stopped_at_step": r.stopped_at,
+                        "rung_val_loss_mean": r.rung_loss.mean if r.rung_loss else None,
                     }
                     for r in a.rates
                 ],

@@ -27,16 +27,16 @@ from pathlib import Path
 from pipeline.run_directory import is_locked
 from pipeline.settings import METHOD_DEFAULTS, SETTING_KINDS, RunSettings
 from pipeline.summary import busy
+from study.grid import HALF_DECADE, ArmGrid, done, grow
 from study.report import NOT_ADAPTER_SETTINGS, canonical, study_report
 from study.statistics import arm_name, choose_rates, learning_rate, rate_text, seed
 from utils import CONCURRENT_RUNS_VARIABLE, RunInterrupted, ToolError, peft_arm_name, peft_config_file, timestamp
 
 MAIN = Path(__file__).resolve().parents[1] / "main.py"
 LORA_VARIANTS = {"lora": {}, "dora": {"use_dora": True}, "rslora": {"use_rslora": True}}
-HALF_DECADE = 10**0.5
 RESERVED_ARM_NAMES = r"base|full|(lora|dora|rslora)(-r\d+)?"  # what a peft: arm may not be named
 POLL_S = 1.0  # how often the study looks at runs it waits for
-DIVERGED = "the training loss became"  # how a run that stopped on a non-finite loss records its error
+DEFAULT_WIDEN = 2  # rates added per side and arm when a study sweeps rates and --widen is not given
 
 
 @dataclass
@@ -53,6 +53,8 @@ class StudySettings:
     gpus_per_run: int = 1
     only: int | None = None
     list: bool = False
+    widen: int | None = None
+    halving: int | None = None
 
     @classmethod
     def from_flags(cls, args: argparse.Namespace) -> StudySettings:
@@ -152,25 +154,74 @@ def rate_grid(study: StudySettings, method: str, default: float) -> list[float]:
     return lists.get(method) or lists.get(None) or [default]
 
 
-def planned_runs(study: StudySettings, shared: RunSettings, study_dir: Path) -> list[Planned]:
+@dataclass
+class Plan:
+    """The study's runs as far as the runs done so far let it see (each arm's grid grown by widening, and with
+    halving each rate's target), in the order they were added; and whether nothing is left to run or add."""
+
+    runs: list[Planned]
+    grids: dict[str, ArmGrid]
+    complete: bool
+
+
+def widen_limit(study: StudySettings) -> int:
+    """--widen, else DEFAULT_WIDEN when the study sweeps rates (--learning_rates, --lr_sweep), else 0."""
+    if study.widen is not None:
+        return study.widen
+    return DEFAULT_WIDEN if study.learning_rates or study.lr_sweep else 0
+
+
+def planned_runs(study: StudySettings, shared: RunSettings, study_dir: Path) -> Plan:
     """Every (arm, rate, seed) run: the shared settings with each run's own fields replaced (command, method, rank,
-    rate, seed; each method's own learning rate and weight decay unless the study set them). Names say the rate and
-    seed only where the study has several (`full`, `lora-r8-lr3e-4`, `lora-r8-lr3e-4-s2025`); an arm with several
-    rates trains them without generation."""
+    rate, seed; each method's own learning rate and weight decay unless the study set them), each arm's grid grown
+    from the runs in the study's directory (study/grid.py). Names say the rate and seed only where the study has
+    several (`full`, `lora-r8-lr3e-4`, `lora-r8-lr3e-4-s2025`); a run already in the study keeps its directory,
+    whatever it is named. An arm that sweeps rates (several, or one to widen) trains them without generation; with
+    --halving, a rate that goes only to the rung trains with --stop_at_share."""
     seeds = study.seeds or [shared.seed]
-    planned = []
-    for arm, method, fields in arms(study):
-        command = fields["command"]
-        default = None if command == "evaluate" else shared.learning_rate or METHOD_DEFAULTS[command][0]
-        rates = [None] if command == "evaluate" else rate_grid(study, method, default)
-        swept = len(rates) > 1
-        for rate in rates:
+    existing = existing_runs(study_dir)
+    ordered, grids = [], {}
+    for order, (arm, method, fields) in enumerate(arms(study)):
+        if fields["command"] == "evaluate":
             for s in seeds:
-                name = arm + (f"-lr{rate_text(rate)}" if swept else "") + (f"-s{s}" if len(seeds) > 1 else "")
-                own = fields | {"seed": s} | ({"learning_rate": rate} if rate else {})
-                own |= {"eval_examples": 0} if swept else {}  # generation only at the chosen rate, later
-                planned.append(Planned(arm, run_settings(shared, study_dir, name, **own)))
-    return planned
+                name = existing.get((arm, None, s), arm + (f"-s{s}" if len(seeds) > 1 else ""))
+                run = Planned(arm, run_settings(shared, study_dir, name, **fields, seed=s))
+                ordered.append(((0, order, 0, s), run))
+            continue
+        grids[arm], runs = trained_arm(study, shared, study_dir, existing, arm, method, fields)
+        ordered += [((grids[arm].rounds[run.settings.learning_rate], order, *run.key[1:]), run) for run in runs]
+    runs = [run for _, run in sorted(ordered, key=lambda pair: pair[0])]
+    complete = all(g.complete for g in grids.values()) and all(is_done(study_dir, run) for run in runs)
+    return Plan(runs, grids, complete)
+
+
+def trained_arm(
+    study: StudySettings, shared: RunSettings, study_dir: Path, existing: dict, arm: str, method: str, fields: dict
+) -> tuple[ArmGrid, list[Planned]]:
+    """A trained arm's grid, grown from the runs found, and its runs: each rate once per seed."""
+    seeds = study.seeds or [shared.seed]
+    widen = widen_limit(study)
+    share = 1 / study.halving if study.halving else None
+    initial = rate_grid(study, method, shared.learning_rate or METHOD_DEFAULTS[fields["command"]][0])
+    swept = len(initial) > 1 or widen > 0
+
+    def planned(rate: float, s: int, to_rung: bool = False) -> Planned:
+        name = arm + (f"-lr{rate_text(rate)}" if swept else "") + (f"-s{s}" if len(seeds) > 1 else "")
+        own = fields | {"seed": s, "learning_rate": rate, "stop_at_share": share if to_rung else None}
+        own |= {"eval_examples": 0} if swept else {}  # generation only at the chosen rate, later
+        return Planned(arm, run_settings(shared, study_dir, existing.get((arm, rate, s), name), **own))
+
+    def records(rate: float) -> list[dict]:
+        return [recorded(study_dir / planned(rate, s).name) for s in seeds]
+
+    grid = grow(initial, records, widen, study.halving)
+    runs = [planned(rate, s, to_rung=bool(share) and rate not in grid.to_end) for rate in grid.rates for s in seeds]
+    return grid, runs
+
+
+def is_done(study_dir: Path, run: Planned) -> bool:
+    """Whether the run has reached what it is planned to: the end, or the rung (--stop_at_share)."""
+    return done(recorded(study_dir / run.name), to_rung=run.settings.stop_at_share is not None)
 
 
 def recorded(run_dir: Path) -> dict:
@@ -182,17 +233,16 @@ def recorded(run_dir: Path) -> dict:
     return results if isinstance(results, dict) else {}
 
 
-def match_existing(study_dir: Path, planned: list[Planned]) -> None:
-    """Give each planned run the directory of a run already in the study with its arm, rate and seed, whatever it
-    is named: a study that gains rates or seeds (and so longer names) keeps the runs it has."""
+def existing_runs(study_dir: Path) -> dict[tuple[str, float | None, int | None], str]:
+    """The directory name of each run already in the study, by arm, rate and seed: a study that gains rates or
+    seeds (and so longer names) keeps the runs it has."""
     existing = {}
     for path in sorted(study_dir.glob("*/results.json")):
         results = recorded(path.parent)
         # a run stopped before its settings were recorded has no arm yet: it is found again by its name
         if results.get("mode") in ("base", "full", "lora", "peft") and "config" in results:
             existing.setdefault((arm_name(results), learning_rate(results), seed(results)), path.parent.name)
-    for run in planned:
-        run.settings = replace(run.settings, run_name=existing.get(run.key, run.name))
+    return existing
 
 
 # A swept arm's runs train with --eval_examples 0 and generate in runs of their own: for them, not a difference.
@@ -244,19 +294,14 @@ def check_settings(study_dir: Path, name: str, planned: list[Planned]) -> None:
             )
 
 
-def done(results: dict) -> bool:
-    """Finished, or stopped on a non-finite loss: a result either way, never run again."""
-    return results.get("status") == "finished" or (
-        results.get("status") == "failed" and DIVERGED in str(results.get("error"))
-    )
-
-
-def generation_runs(shared: RunSettings, study_dir: Path, planned: list[Planned]) -> list[Planned] | None:
+def generation_runs(shared: RunSettings, study_dir: Path, plan: Plan) -> list[Planned] | None:
     """Generation for each arm's chosen rate (every seed) where its runs trained without it: an `evaluate` of the
-    saved model (with the adapter on the same base for LoRA). None until every trained run is done."""
-    records = trained_results(study_dir, planned)
-    if not all(done(r) for r in records):
+    saved model (with the adapter on the same base for LoRA). None until the plan is complete (every grid grown,
+    every run done)."""
+    if not plan.complete:
         return None
+    planned = plan.runs
+    records = trained_results(study_dir, planned)
     if shared.eval_examples == 0:
         return []
     by_dir = {r["run_dir"]: run for run, r in zip(planned, records, strict=True)}
@@ -353,7 +398,7 @@ def execute(
                     continue
                 del running[child]
                 slots.append(slot)
-                if code != 0 and not stopped and not done(recorded(study_dir / run.name)):
+                if code != 0 and not stopped and not is_done(study_dir, run):
                     failed.append(f"{run.name} (exit status {code})")
             if stopped or failed:
                 pending.clear()  # start nothing more; wait for the running ones to stop
@@ -361,7 +406,7 @@ def execute(
                 if not slots or stopped:  # a signal while this loop starts runs: start no more
                     break
                 run_dir = study_dir / run.name
-                if done(recorded(run_dir)):
+                if is_done(study_dir, run):
                     pending.remove(run)
                     if run.name not in waiting:
                         print(f"study {name}: {run.name} finished already, skipped", flush=True)
@@ -403,29 +448,34 @@ def check_resources(study: StudySettings, parser: argparse.ArgumentParser, gpus:
         parser.error(f"--jobs {jobs}: more runs at once than the {len(usable_cpus())} CPUs here")
 
 
-def list_runs(runs: list[Planned], generation: list[Planned] | None, parser: argparse.ArgumentParser) -> None:
-    for index, run in enumerate(runs + (generation or [])):
+def list_runs(plan: Plan, generation: list[Planned] | None, study_dir: Path, parser: argparse.ArgumentParser) -> None:
+    """Every run as far as the plan sees (index, name, command), which of them are not done, and what comes once
+    they are: more rates or the continuation of the best after the rung, or the generation runs."""
+    every = plan.runs + (generation or [])
+    for index, run in enumerate(every):
         print(f"{index}\t{run.name}\tpython {MAIN.name} {shlex.join(run.argv(parser))}")
-    if generation is None:
-        print(
-            f"then generation for each arm's chosen rate: listed from index {len(runs)} once every run above is done",
-        )
+    pending = [str(i) for i, run in enumerate(every) if not is_done(study_dir, run)]
+    print(f"not done: {','.join(pending)}" if pending else "not done: none")
+    if not plan.complete:
+        print("then, once these are done: --list again (widening may add rates, halving continues the best)")
+    elif generation is None:
+        print(f"then generation for each arm's chosen rate: listed from index {len(plan.runs)} once those are done")
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """Run the study's runs that are not done (or with --only, one; with --list, none), then generation for the
-    chosen rates, then print the results and write the report in the study's directory."""
+    """Run the study's runs that are not done (or with --only, one; with --list, none), round after round while
+    widening and halving add runs, then generation for the chosen rates, then print the results and write the
+    report in the study's directory."""
     study, shared = StudySettings.from_flags(args), RunSettings.from_flags(args)
     name = study.study_name or f"study-{timestamp()}"
     study_dir = Path(shared.output_dir) / name
-    planned = planned_runs(study, shared, study_dir)
-    match_existing(study_dir, planned)
-    generation = generation_runs(shared, study_dir, planned)
+    plan = planned_runs(study, shared, study_dir)
+    generation = generation_runs(shared, study_dir, plan)
     if study.list:
-        return list_runs(planned, generation, parser)
-    every = planned + (generation or [])
+        return list_runs(plan, generation, study_dir, parser)
+    every = plan.runs + (generation or [])
     if study.only is not None and study.only >= len(every):
-        later = "" if generation is not None else " (generation runs are listed once the others are done)"
+        later = "" if generation is not None else " (runs added later are listed once those they follow are done)"
         parser.error(f"--only {study.only}: the study has runs 0 to {len(every) - 1} now{later}")
     gpus = visible_gpus()
     check_resources(study, parser, gpus)
@@ -433,12 +483,28 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     launcher = Launcher(study, gpus)
     if study.only is not None:
         return execute([every[study.only]], study_dir, name, launcher, parser)
-    print(f"study {name}: {len(planned)} runs ({', '.join(r.name for r in planned)}) in {study_dir}", flush=True)
-    execute(planned, study_dir, name, launcher, parser)
-    generation = generation_runs(shared, study_dir, planned)
+    print(f"study {name}: {len(plan.runs)} runs ({', '.join(r.name for r in plan.runs)}) in {study_dir}", flush=True)
+    runs = plan.runs  # the first round names the runs it skips; later ones run only what is left
+    while True:
+        execute(runs, study_dir, name, launcher, parser)
+        short = [run.name for run in runs if not is_done(study_dir, run)]
+        if short:  # each ended without an error, yet short of its target: another round would start it again
+            raise ToolError(
+                f"study {name}: {', '.join(short)} ended short of what it was run for; see its results.json"
+            )
+        plan = planned_runs(study, shared, study_dir)
+        if plan.complete:
+            break
+        runs = [run for run in plan.runs if not is_done(study_dir, run)]
+        listed = [run.name + (" (to the rung)" if run.settings.stop_at_share else "") for run in runs]
+        print(f"study {name}: next round: {', '.join(listed)}", flush=True)
+        check_settings(study_dir, name, runs)
+    generation = generation_runs(shared, study_dir, plan)
     check_settings(study_dir, name, generation)
     execute(generation, study_dir, name, launcher, parser)
-    print(study_report(study_dir, report_runs(study_dir, planned, generation)))
+    runs = report_runs(study_dir, plan.runs, generation)
+    widenings = {arm: grid.widening for arm, grid in plan.grids.items()}
+    print(study_report(study_dir, runs, 1 / study.halving if study.halving else None, widenings))
     print(f"\nreport: {study_dir / 'report.md'}")
 
 

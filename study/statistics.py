@@ -13,6 +13,7 @@ from typing import Any
 
 from scipy import stats
 
+from pipeline.settings import stop_step
 from pipeline.summary import BUSY_MARK, TIMED, busy, figure_text, format_value, lookup, method_name
 from utils import peft_arm_name
 
@@ -79,12 +80,25 @@ def diverged(run: Run) -> bool:
 @dataclass
 class Rate:
     """One learning rate of an arm: its runs (a seed each) and their mean final validation loss, which exists when
-    every seed finished with a finite one."""
+    every seed finished with a finite one; with successive halving, their mean validation loss at the rung, and the
+    step every seed stopped at when none went on (a stopped rate is never chosen)."""
 
     rate: float | None
     runs: list[Run]
     val_loss: Pooled | None = None
     diverged: bool = False
+    rung_loss: Pooled | None = None
+    stopped_at: int | None = None
+    added: bool = False  # by widening, beyond the grid the study was given
+
+
+@dataclass(frozen=True)
+class Widening:
+    """What widening did to an arm's grid: at most `limit` rates per side (--widen), those it added below and above."""
+
+    limit: int
+    below: tuple[float, ...] = ()
+    above: tuple[float, ...] = ()
 
 
 @dataclass
@@ -107,36 +121,90 @@ class Arm:
         """Trained by the `lora` command (LoRA, DoRA, rsLoRA), as its runs' mode says, whatever the arm is named."""
         return all(run["mode"] == "lora" for rate in self.rates for run in rate.runs)
 
+    @property
+    def bracket(self) -> tuple[Rate, Rate] | None:
+        """The rates either side of the chosen one, when it has a rate on both sides."""
+        if self.chosen is None or self.at_edge or len(self.rates) < 2:
+            return None
+        i = self.rates.index(self.chosen)
+        return self.rates[i - 1], self.rates[i + 1]
 
-def choose_rates(runs: list[Run]) -> list[Arm]:
+
+def rung_loss(run: Run, share: float) -> float | None:
+    """The run's validation loss at the rung of `share` (--stop_at_share): recorded when it stopped there, else its
+    validation logged at that step; None when it has none (or diverged)."""
+    if diverged(run):
+        return None
+    if run.get("stopped_early"):
+        return run["stopped_early"]["val_loss"]
+    steps = run.get("total_steps") or run.get("optimizer_steps")
+    step = stop_step(steps, share) if steps else None
+    logged = [e["eval_loss"] for e in run.get("log_history") or [] if "eval_loss" in e and e.get("step") == step]
+    return logged[-1] if step and logged else None
+
+
+def choose_rates(
+    runs: list[Run], share: float | None = None, widenings: dict[str, Widening] | None = None
+) -> list[Arm]:
     """Each arm's rates in ascending order, the rate with the lowest mean final validation loss over seeds chosen
     (never the test loss), a choice at either end of a grid of several rates flagged, an arm whose every rate
-    diverged marked failed. A rate with a seed still unfinished is neither chosen nor counted as diverged."""
+    diverged marked failed. A rate with a seed still unfinished (or stopped early) is neither chosen nor counted as
+    diverged. With `share`, each rate's mean validation loss at that rung; with `widenings`, each arm's notes say
+    whether its choice is bracketed or how often its grid was widened."""
     arms: dict[str, dict[float | None, list[Run]]] = {}
     for run in runs:
         arms.setdefault(arm_name(run), {}).setdefault(learning_rate(run), []).append(run)
     chosen_arms = []
     for name, by_rate in arms.items():
+        widening = (widenings or {}).get(name)
+        added = set(widening.below + widening.above) if widening else set()
         rates = []
         for rate in sorted(by_rate, key=lambda r: (r is None, r)):
             members = sorted(by_rate[rate], key=lambda r: seed(r) or 0)
-            entry = Rate(rate, members, diverged=any(diverged(r) for r in members))
+            entry = Rate(rate, members, diverged=any(diverged(r) for r in members), added=rate in added)
             if not entry.diverged and all(r.get("status") == "finished" for r in members):
                 entry.val_loss = pool([r.get("val_loss") for r in members])
+            if all(r.get("status") == "stopped_early" for r in members):
+                entry.stopped_at = max(r["stopped_early"]["step"] for r in members)
+            if share and not entry.diverged:
+                losses = [rung_loss(r, share) for r in members]
+                entry.rung_loss = pool(losses) if None not in losses else None
             rates.append(entry)
         arm = Arm(name, rates)
         candidates = [r for r in rates if r.val_loss is not None]
         if candidates:
             arm.chosen = min(candidates, key=lambda r: r.val_loss.mean)
             arm.at_edge = len(rates) > 1 and arm.chosen in (rates[0], rates[-1])
-        if arm.at_edge:
-            arm.notes.append("best at the edge of the grid: widen it")
+        arm.notes += bracket_notes(arm, widening)
         if arm.failed:
             arm.notes.append("every learning rate diverged (non-finite loss or failed): no figure")
         elif any(r.diverged for r in rates):
             arm.notes.append("diverged at " + ", ".join(rate_text(r.rate) for r in rates if r.diverged))
         chosen_arms.append(arm)
     return chosen_arms
+
+
+def bracket_notes(arm: Arm, widening: Widening | None) -> list[str]:
+    """`bracketed by A and B`, or per edge the chosen rate is at, how many widenings it stayed there after."""
+    if arm.bracket:
+        return ["bracketed by " + " and ".join(f"{rate_text(r.rate)}{rate_state(r)}" for r in arm.bracket)]
+    if not arm.at_edge:
+        return []
+    limit = widening.limit if widening else 0
+    sides = [("lowest", widening.below if widening else ())] * (arm.chosen is arm.rates[0])
+    sides += [("highest", widening.above if widening else ())] * (arm.chosen is arm.rates[-1])
+    return [
+        f"best at the {side} rate: still at the edge after {len(added)} widening{'s' * (len(added) != 1)} "
+        f"(--widen {limit})"
+        for side, added in sides
+    ]
+
+
+def rate_state(rate: Rate) -> str:
+    """What became of a rate beside the chosen one, when it did not finish."""
+    if rate.diverged:
+        return " (diverged)"
+    return f" (stopped at step {rate.stopped_at})" if rate.stopped_at else ""
 
 
 def rate_text(rate: float | None) -> str:
@@ -251,7 +319,8 @@ def device_hours(run: Run) -> tuple[float, str]:
 def study_cost(runs: list[Run], arms: list[Arm]) -> dict[str, Any]:
     """Runs, total training and generation seconds, device-hours, and what the sweep and the seeds multiplied the
     device-hours by: all runs over the chosen rates' runs (every seed), and those over the chosen rates' runs of
-    the first seed."""
+    the first seed; with runs stopped early (halving), the device-hours the same runs would have taken trained to
+    the end."""
     hours = [device_hours(r) for r in runs]
     units = sorted({unit for _, unit in hours})
     per_unit = {unit: sum(h for h, u in hours if u == unit) for unit in units}
@@ -261,7 +330,13 @@ def study_cost(runs: list[Run], arms: list[Arm]) -> dict[str, Any]:
     chosen_hours = sum(device_hours(r)[0] for r in chosen)
     first = [a.chosen.runs[0] for a in arms if a.chosen]
     first_hours = sum(device_hours(r)[0] for r in first)
+    stopped = [r for r in runs if r.get("status") == "stopped_early"]
+    # a stopped run trained to the end: its device-hours scaled by its whole run's steps over the steps it ran
+    to_the_end = sum(device_hours(r)[0] * r["stopped_early"]["max_steps"] / r["stopped_early"]["step"] for r in stopped)
+    without_halving = total - sum(device_hours(r)[0] for r in stopped) + to_the_end if total is not None else None
     return {
+        "stopped_early_runs": len(stopped),
+        "device_hours_without_halving": without_halving if stopped else None,
         "runs": len(runs),
         "generation_runs": sum(1 for r in runs if r.get("generation_run")),  # a study's generation at chosen rates
         "train_time_s": sum(r.get("train_time_s") or 0 for r in runs),

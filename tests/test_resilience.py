@@ -89,6 +89,22 @@ def test_sigterm_saves_a_checkpoint_and_resume_ends_with_the_uninterrupted_weigh
     for name in straight:
         torch.testing.assert_close(again[name], straight[name], rtol=0, atol=1e-6)
 
+    # stopped at a share of the steps (a study's rung), on the whole run's schedule, then resumed to the end
+    assert cli.main(["full", *flags, "--run_name", "rung", "--stop_at_share", "0.4"]) == 0
+    rung = json.loads((tmp_path / "rung" / "results.json").read_text())
+    assert rung["status"] == "stopped_early" and rung["optimizer_steps"] == 5 and "test_loss" not in rung
+    assert rung["stopped_early"]["step"] == 5 and rung["stopped_early"]["max_steps"] == 12
+    logged = json.loads((tmp_path / "straight" / "results.json").read_text())["log_history"]
+    rates = {e["step"]: e["learning_rate"] for e in logged if "learning_rate" in e}
+    assert {e["step"]: e["learning_rate"] for e in rung["log_history"] if "learning_rate" in e} == {
+        step: rate for step, rate in rates.items() if step <= 5
+    }
+    assert (tmp_path / "rung" / "checkpoints" / "checkpoint-5").is_dir() and not (tmp_path / "rung" / "model").exists()
+    assert cli.main(["full", *flags, "--run_name", "rung", "--resume"]) == 0
+    assert json.loads((tmp_path / "rung" / "results.json").read_text())["status"] == "finished"
+    for name, value in weights(tmp_path / "rung").items():  # its validation at the rung changed nothing after it
+        torch.testing.assert_close(value, straight[name], rtol=0, atol=1e-6)
+
 
 def test_resume_refuses_a_finished_run_and_a_missing_one(trained_runs, common_flags, capsys):
     out = trained_runs["output_dir"]

@@ -60,7 +60,7 @@ def test_a_runs_settings_turn_into_the_command_line_that_gives_them_back():
 def test_a_study_plans_each_arm_by_replacing_fields_of_the_shared_settings(tmp_path):
     args = cli.build_parser().parse_args(["study", "--arms", "base,full,dora", "--lora_ranks", "2,8", "--seed", "5"])
     study = StudySettings(args.arms, args.lora_ranks, args.study_name)
-    planned = {p.name: p.settings for p in planned_runs(study, RunSettings.from_flags(args), tmp_path)}
+    planned = {p.name: p.settings for p in planned_runs(study, RunSettings.from_flags(args), tmp_path).runs}
     assert list(planned) == ["base", "full", "dora-r2", "dora-r8"]
     assert planned["base"].command == "evaluate" and planned["base"].learning_rate is None
     assert (planned["full"].learning_rate, planned["full"].weight_decay) == METHOD_DEFAULTS["full"]

@@ -72,10 +72,11 @@ def arm(arms: list[statistics.Arm], name: str) -> statistics.Arm:
 def test_each_arms_rate_is_the_validation_choice_even_where_test_loss_would_pick_another(runs):
     arms = statistics.choose_rates(runs)
     full, lora = arm(arms, "full"), arm(arms, "lora-r8")
-    assert full.chosen.rate == 3e-5 and not full.at_edge and full.notes == []
+    assert full.chosen.rate == 3e-5 and not full.at_edge and full.notes == ["bracketed by 1e-5 and 1e-4"]
     assert min(runs, key=lambda r: r["test_loss"])["config"]["learning_rate"] == 1e-4  # the test's choice
     assert full.chosen.val_loss.mean == pytest.approx((2.5 + 2.6 + 2.55) / 3) and full.chosen.val_loss.n == 3
-    assert lora.chosen.rate == 1e-3 and lora.at_edge and lora.notes == ["best at the edge of the grid: widen it"]
+    assert lora.chosen.rate == 1e-3 and lora.at_edge
+    assert lora.notes == ["best at the highest rate: still at the edge after 0 widenings (--widen 0)"]
     assert statistics.rate_multiples(arms) == {"lora-r8": pytest.approx(1e-3 / 3e-5)}
 
 
@@ -119,7 +120,8 @@ def test_an_arm_whose_every_rate_diverged_is_failed_and_a_rate_with_a_diverged_s
     arms = statistics.choose_rates(runs)
     full, lora = arm(arms, "full"), arm(arms, "lora-r8")
     assert full.failed and full.chosen is None and "every learning rate diverged" in full.notes[0]
-    assert lora.chosen.rate == 1e-3 and not lora.at_edge and lora.notes == ["diverged at 1e-2"]
+    assert lora.chosen.rate == 1e-3 and not lora.at_edge
+    assert lora.notes == ["bracketed by 1e-4 and 1e-2 (diverged)", "diverged at 1e-2"]
     assert statistics.rate_multiples(arms) == {}
 
 
@@ -153,7 +155,14 @@ def test_the_study_report_shows_each_arm_at_its_chosen_rate_with_spread_and_the_
     assert rows["Learning rate (chosen on validation)"] == ["-", "3e-5 of 1e-5, 3e-5, 1e-4", "1e-3 of 1e-4, 1e-3"]
     perplexity = statistics.pool([math.exp(x) for x in [2.95, 2.83, 3.2]])
     assert rows["Test perplexity"][2] == perplexity.text() and perplexity.text().endswith("(n=3)")
-    assert "**lora-r8**: best at the edge of the grid: widen it" in report
+    assert "**lora-r8**: best at the highest rate: still at the edge after 0 widenings (--widen 0)" in report
+    verdict = report.split("## Verdict")[1].split("\n## ")[0]  # first, and built from the tables below it
+    assert report.index("## Verdict") < report.index("## Each arm at its chosen learning rate")
+    (row,) = [line for line in report.splitlines() if line.startswith("| lora-r8 | full        | test_perplexity")]
+    difference, interval = [c.strip() for c in row.split("|")[4:6]]
+    assert f"test perplexity {difference} (95% CI {interval}, n=3): within noise" in verdict
+    assert "**Unsettled** (lora-r8's best rate is at the edge of its grid)" in verdict
+    assert "0.0400x the trainable parameters" in verdict  # 40 over 1,000, as the table has them
     assert "![Learning rates](learning_rates.png)" in report
     with Image.open(tmp_path / "learning_rates.png") as image:
         image.verify()
@@ -179,7 +188,7 @@ def test_the_study_base_arm_is_the_base_even_when_its_model_is_a_saved_run(tmp_p
     from study.runner import StudySettings, planned_runs, trained_results
 
     args = cli.build_parser().parse_args(["study", "--arms", "base,full", "--study_name", "s"])
-    planned = planned_runs(StudySettings.from_flags(args), RunSettings.from_flags(args), tmp_path)
+    planned = planned_runs(StudySettings.from_flags(args), RunSettings.from_flags(args), tmp_path).runs
     (tmp_path / "base").mkdir()
     (tmp_path / "base" / "results.json").write_text(json.dumps({"mode": "saved", "trainable_params": 7, "config": {}}))
     base, full = trained_results(tmp_path, planned)

@@ -72,6 +72,20 @@ def test_the_report_names_valid_png_figures_beside_it(study):
     assert one_set["runs"][1]["test_perplexity"] == results(study["dir"] / "full")["test_perplexity"]
 
 
+def test_the_report_opens_with_a_verdict_whose_numbers_are_those_of_its_tables(study):
+    report = (study["dir"] / "report.md").read_text()
+    assert report.index("## Verdict") < report.index("## Each arm at its chosen learning rate")
+    verdict = report.split("## Verdict")[1].split("\n## ")[0]
+    full = results(study["dir"] / "full")
+    for arm in ("lora-r2", "lora-r4", "ia3"):
+        (row,) = [r for r in report.splitlines() if r.startswith(f"| {arm} ") and "| full " in r and "perplexity" in r]
+        (line,) = [v for v in verdict.splitlines() if f"**{arm}**" in v]
+        assert line.startswith(f"- **Unsettled** ({arm} ran one seed; full ran one seed): **{arm}** against full")
+        assert f"test perplexity {row.split('|')[4].strip()} (n=1, no interval" in line
+        params = results(study["dir"] / arm)["trainable_params"] / full["trainable_params"]
+        assert f"{params:#.3g}x the trainable parameters" in line and "x the peak memory" in line
+
+
 def test_the_same_study_again_trains_nothing_and_changes_no_finished_arm(study, capfd):
     before = {arm: (study["dir"] / arm / "results.json").read_bytes() for arm in ARMS}
     capfd.readouterr()
@@ -95,7 +109,7 @@ def test_runs_of_other_settings_get_their_own_table_and_a_saved_model_is_no_base
     capsys.readouterr()
     assert cli.main(study["argv"]) == 0
     printed = capsys.readouterr().out
-    assert "other-block" not in printed and "again" not in printed and "base (base)" in printed
+    assert "other-block" not in printed and "(again)" not in printed and "base (base)" in printed
 
     study_report = (study["dir"] / "report.md").read_text()
     assert cli.main(["compare", "--output_dir", str(study["dir"]), "--all"]) == 0
@@ -166,6 +180,8 @@ def test_the_quick_start_runs_share_one_table_however_their_flags_were_typed(tmp
         (["--jobs", "4096"], "--jobs 4096: more runs at once than"),
         (["--only", "3"], "--only 3: the study has runs 0 to 2 now"),
         (["--learning_rates", "full=1.001e-4,1.002e-4"], "equal to 3 significant digits would share a run"),
+        (["--halving", "3"], "--halving 3 chooses among rates: give --learning_rates, --lr_sweep or --widen"),
+        (["--halving", "1", "--lr_sweep", "3"], "--halving: must be 2 or more, got 1"),
     ],
 )
 def test_bad_study_input_is_one_error_line_before_anything_runs(flags, says, tmp_path, capsys, monkeypatch):

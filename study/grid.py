@@ -1,0 +1,99 @@
+"""Each arm's learning-rate grid as the study grows it: widened outward while the chosen rate is at an edge, and
+with successive halving (Jamieson & Talwalkar 2016; Li et al. 2018) every rate trained to a rung and only the best
+continued. Pure functions of results.json dicts: a study run again derives the same grid from what it finds."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from study.statistics import Arm, Run, Widening, choose_rates, rung_loss
+
+HALF_DECADE = 10**0.5
+
+DIVERGED = "the training loss became"  # how a run that stopped on a non-finite loss records its error
+
+
+def done(results: Run, to_rung: bool = False) -> bool:
+    """Finished, or stopped on a non-finite loss: a result either way, never run again; for a run that goes only to
+    the rung, also stopped early there."""
+    return (
+        results.get("status") == "finished"
+        or (results.get("status") == "failed" and DIVERGED in str(results.get("error")))
+        or (to_rung and results.get("status") == "stopped_early")
+    )
+
+
+def next_rate(initial: list[float], side: str, k: int) -> float:
+    """The k-th rate added outward on `side` ("below" or "above") of the ascending grid the study was given, at
+    that grid's own spacing (the mean ratio of neighbours; half a decade for one rate), to 3 significant digits as
+    run names hold it."""
+    step = (initial[-1] / initial[0]) ** (1 / (len(initial) - 1)) if len(initial) > 1 else HALF_DECADE
+    return float(f"{initial[0] / step**k if side == 'below' else initial[-1] * step**k:.3g}")
+
+
+@dataclass
+class ArmGrid:
+    """An arm's rates so far (ascending), the widening round each entered in (0: the grid asked for), the rates
+    that train to the end (the others stop at the rung), and whether nothing is left to run or add."""
+
+    rates: list[float]
+    rounds: dict[float, int]
+    to_end: set[float] = field(default_factory=set)
+    widening: Widening = field(default_factory=lambda: Widening(0))
+    complete: bool = False
+
+
+def grow(
+    initial: list[float], records: Callable[[float], list[Run]], widen: int, halving: int | None = None
+) -> ArmGrid:
+    """The grid the runs found so far call for. `records(rate)` gives each seed's results at a rate ({} when not
+    run). Rounds, each once every run it needs is done: with `halving` ETA, every rate to the rung (1/ETA of the
+    steps), then the best ceil(n/ETA) by mean validation loss there to the end; the rate chosen on final
+    validation loss; at an edge of the grid, the next rate outward on that side (at most `widen` per side), which
+    enters at the rung like any other. A diverged rate is an edge's neighbour like any: it brackets. An arm whose
+    every rate diverged widens downward."""
+    grid = ArmGrid(sorted(initial), dict.fromkeys(initial, 0), widening=Widening(widen))
+    share = 1 / halving if halving else None
+    while True:
+        found = {rate: records(rate) for rate in grid.rates}
+        if share:
+            if not all(past_rung(r, share) for runs in found.values() for r in runs):
+                return grid
+            rung = {r.rate: r.rung_loss.mean for r in arm_of(found, share).rates if r.rung_loss}
+            grid.to_end |= set(sorted(rung, key=rung.get)[: math.ceil(len(grid.rates) / halving)])
+        else:
+            grid.to_end = set(grid.rates)
+        if not all(done(r) for rate in grid.to_end for r in found[rate]):
+            return grid
+        round_number = max(grid.rounds.values()) + 1
+        sides = [side for side in edges(arm_of(found, share)) if len(getattr(grid.widening, side)) < widen]
+        for side in sides:
+            taken = getattr(grid.widening, side)
+            rate = next_rate(sorted(initial), side, len(taken) + 1)
+            grid.rates = sorted([*grid.rates, rate])
+            grid.rounds[rate] = round_number
+            grid.widening = replace(grid.widening, **{side: (*taken, rate)})
+        if not sides:
+            grid.complete = True
+            return grid
+
+
+def past_rung(run: Run, share: float) -> bool:
+    """Done to the rung, or past it on its way to the end (a run interrupted after it, say)."""
+    return done(run, to_rung=True) or ("config" in run and rung_loss(run, share) is not None)
+
+
+def arm_of(found: dict[float, list[Run]], share: float | None) -> Arm:
+    """The arm of these runs (every one has run), its rate chosen as the report chooses it."""
+    (arm,) = choose_rates([r for runs in found.values() for r in runs], share)
+    return arm
+
+
+def edges(arm: Arm) -> list[str]:
+    """The sides ("below", "above") on which the chosen rate is the last of the grid; below when every rate
+    diverged."""
+    if arm.chosen is None:
+        return ["below"] if arm.failed else []
+    return [side for side, end in (("below", arm.rates[0]), ("above", arm.rates[-1])) if arm.chosen is end]
