@@ -215,12 +215,16 @@ def rate_text(rate: float | None) -> str:
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
+def pooled_figure(runs: list[Run], key: str) -> Pooled | None:
+    return pool([lookup(r, key) for r in runs])
+
+
 def pooled_text(runs: list[Run], key: str) -> str:
     """A figure of replicate runs as the tables show it: one run's as it is, several runs' mean ± sample SD (n); a
     time figure marked when any run's machine was busy."""
     if len(runs) == 1:
         return figure_text(runs[0], key)
-    pooled = pool([lookup(r, key) for r in runs])
+    pooled = pooled_figure(runs, key)
     if pooled is None:
         return "-"
     return pooled.text() + (BUSY_MARK if key in TIMED and any(busy(r) for r in runs) else "")
