@@ -190,8 +190,11 @@ def shared_and_differing_settings(columns: list[list[Run]]) -> tuple[dict[str, A
             if not having:
                 continue
             values = [settings(r)[key] for r in having]
-            typed = [(r.get("paths_as_typed") or {}).get(key, value) for r, value in zip(having, values, strict=True)]
             alike = len({json.dumps(v, default=str) for v in values}) == 1
+            if not alike:  # a replicate setting (the seed): in its values' order, not that of the run folders' names
+                having = sorted(having, key=lambda r: settings(r)[key])
+                values = sorted(values)
+            typed = [(r.get("paths_as_typed") or {}).get(key, value) for r, value in zip(having, values, strict=True)]
             recorded[column_label(column)] = values[0] if alike else values
             shown[column_label(column)] = typed[0] if alike else typed
         if len({json.dumps(v, default=str) for v in recorded.values()}) > 1:
