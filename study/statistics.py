@@ -104,8 +104,13 @@ class Arm:
 
     @property
     def lora_family(self) -> bool:
-        """Trained by the `lora` command (LoRA, DoRA, rsLoRA), as its runs' mode says, whatever the arm is named."""
-        return all(run["mode"] == "lora" for rate in self.rates for run in rate.runs)
+        """A LoRA adapter (LoRA, DoRA, rsLoRA): trained by the `lora` command, or a `peft:` arm whose config is
+        LoRA's (its recorded adapter config's peft_type), whatever the arm is named."""
+        return all(
+            run["mode"] == "lora" or (run.get("adapter_config") or {}).get("peft_type") == "LORA"
+            for rate in self.rates
+            for run in rate.runs
+        )
 
 
 def choose_rates(runs: list[Run]) -> list[Arm]:

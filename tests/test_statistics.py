@@ -99,14 +99,19 @@ def test_the_paired_interval_is_the_one_scipy_computes_from_the_recorded_losses(
 
 def test_a_peft_arm_named_like_a_lora_family_is_not_counted_as_lora(runs):
     """The family comes from the arm's method, never from its name: a peft: arm named lora-rank2 or dora-style is
-    no LoRA arm, so no rate multiple is printed for it."""
+    no LoRA arm, so no rate multiple is printed for it; one whose config is LoRA's has one."""
     for name in ("lora-rank2", "dora-style"):
         config = {"peft_config": f"/configs/{name}.json", "learning_rate": 1e-3, "seed": 2024}
         runs.append(planted("full", 1e-3, 2024, 2.0, 2.0) | {"mode": "peft", "method": "ia3", "config": config})
+    # and a peft: arm whose config is LoRA's is LoRA, whatever it is named
+    config = {"peft_config": "/configs/my-adapter.json", "learning_rate": 1e-3, "seed": 2024}
+    adapter = {"adapter_config": {"peft_type": "LORA", "r": 4}}
+    runs.append(planted("full", 1e-3, 2024, 2.0, 2.0) | {"mode": "peft", "config": config} | adapter)
     arms = statistics.choose_rates(runs)
-    assert {"lora-rank2", "dora-style"} <= {a.name for a in arms}
+    assert {"lora-rank2", "dora-style", "my-adapter"} <= {a.name for a in arms}
     assert not arm(arms, "lora-rank2").lora_family and arm(arms, "lora-r8").lora_family
-    assert statistics.rate_multiples(arms) == {"lora-r8": pytest.approx(1e-3 / 3e-5)}
+    assert arm(arms, "my-adapter").lora_family
+    assert statistics.rate_multiples(arms) == {"lora-r8": pytest.approx(1e-3 / 3e-5), "my-adapter": 1e-3 / 3e-5}
 
 
 def test_an_arm_whose_every_rate_diverged_is_failed_and_a_rate_with_a_diverged_seed_is_never_chosen(runs):
