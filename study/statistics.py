@@ -153,14 +153,16 @@ def rate_text(rate: float | None) -> str:
 
 
 def pooled_text(runs: list[Run], key: str) -> str:
-    """A figure of replicate runs as the tables show it: one run's as it is, several runs' mean ± sample SD (n); a
-    time figure marked when any run's machine was busy."""
+    """A figure of replicate runs as the tables show it: one run's as it is, several runs' mean ± sample SD (n, the
+    runs that recorded a finite value: one alone still says n=1); a time figure marked when any run's machine was
+    busy."""
     if len(runs) == 1:
         return figure_text(runs[0], key)
     pooled = pool([lookup(r, key) for r in runs])
     if pooled is None:
         return "-"
-    return pooled.text() + (BUSY_MARK if key in TIMED and any(busy(r) for r in runs) else "")
+    text = pooled.text() if pooled.n > 1 else f"{pooled.text()} (n=1)"
+    return text + (BUSY_MARK if key in TIMED and any(busy(r) for r in runs) else "")
 
 
 @dataclass(frozen=True)

@@ -137,6 +137,15 @@ def test_one_seed_shows_the_figures_as_they_are_without_spread_or_interval():
     assert statistics.pool([22.1, 22.4, 22.9]).text() == "22.5 ± 0.4 (n=3)"
 
 
+def test_a_pooled_figure_only_one_seed_recorded_says_n_1_not_a_bare_number():
+    """Two seeds, one without METEOR (no NLTK data) or with an infinite perplexity: the cell says n=1."""
+    first = planted("full", 1e-5, 2024, 2.5, 2.61, metrics={"meteor": None}, test_perplexity=math.inf)
+    second = planted("full", 1e-5, 2025, 2.5, 2.61, metrics={"meteor": 0.5})
+    assert statistics.pooled_text([first, second], "metrics.meteor") == "0.5000 (n=1)"
+    assert statistics.pooled_text([first, second], "test_perplexity") == f"{format_value(math.exp(2.61))} (n=1)"
+    assert statistics.pooled_text([first, first], "metrics.meteor") == "-"
+
+
 def test_the_cost_counts_every_run_and_what_the_sweep_and_the_seeds_multiplied(runs):
     cost = statistics.study_cost(runs, statistics.choose_rates(runs))
     assert cost["runs"] == len(runs) == 18 and cost["train_time_s"] == 15 * 36.0
