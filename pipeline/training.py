@@ -226,7 +226,7 @@ def run_record(
         if args.peft_config
         else None,
         "model": config["model"],
-        "model_revision": hub.model_revision(config["model"]),  # what `analyze` reloads the starting weights from
+        "model_revision": model_revision(run, config["model"]),  # what `analyze` reloads the starting weights from
         "run_dir": str(run.path),
         "started_at": run.started_at or timestamp(),
         "resumed_from": str(run.checkpoint) if run.checkpoint else None,
@@ -252,6 +252,12 @@ def run_record(
         "forgetting_unavailable_reason": forgetting.unavailable_reason,
         "forgetting_eval_tokens": forgetting.blocks.blocks.size if forgetting.blocks else None,
     }
+
+
+def model_revision(run: RunDirectory, model: str) -> str | None:
+    """The Hub model's commit the run started from: on --resume the one its first session recorded, even if the
+    Hub's default branch has moved since (hub.model_revision for a new run, or one that recorded none yet)."""
+    return run.earlier["model_revision"] if "model_revision" in run.earlier else hub.model_revision(model)
 
 
 def adapter_config(model: PreTrainedModel) -> dict[str, Any] | None:

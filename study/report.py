@@ -106,6 +106,7 @@ def settings(run: Run) -> dict[str, Any]:
         "global_batch_size": run.get("global_batch_size"),
         "gpus_per_process": run.get("gpus_per_process"),
         "checkpoint_dtype": run.get("checkpoint_dtype"),
+        "model_revision": run.get("model_revision"),  # a Hub model's commit; unrecorded (local, older runs): left out
     } | {key: environment.get(key) for key in HARDWARE}
     return {
         k: canonical(k, v)
@@ -477,7 +478,13 @@ def pooled_table(arms: list[statistics.Arm]) -> str:
 
 # What a study's runs must share for their figures to be pooled and paired: what groups runs in `compare` (but the
 # generation examples, which a swept run trains without), and what they were measured on.
-MEASURED_ALIKE = (*(k for k in GROUPED if k != "eval_examples"), "world_size", "gpus_per_process", *HARDWARE)
+MEASURED_ALIKE = (
+    *(k for k in GROUPED if k != "eval_examples"),
+    "model_revision",
+    "world_size",
+    "gpus_per_process",
+    *HARDWARE,
+)
 
 
 def mixed_measurement_note(runs: list[Run]) -> list[str]:
