@@ -1,2 +1,3 @@
 """One run: its settings, data, model and adapter, training, measurement, generation and scores, its directory.
-Imports nothing from study/, analysis/ or the top-level files (tests/test_layout.py)."""
+Imports the top-level utils.py, and nothing from study/, analysis/ or the other top-level files
+(tests/test_layout.py)."""

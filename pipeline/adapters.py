@@ -1,14 +1,17 @@
 """The adapter a run trains: LoRA from the LoRA flags, or any PEFT method from its PEFT config file, read as PEFT
-reads it and checked to train here."""
+reads it and checked to train here; and the adapter config a run records."""
 
 from __future__ import annotations
+
+import json
+from typing import Any
 
 import peft
 import torch
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
-from transformers import PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from pipeline.modeling import virtual_tokens
+from pipeline.modeling import load_model_config, virtual_tokens
 from pipeline.settings import RunSettings
 from utils import ToolError, one_line, peft_config_file
 
@@ -80,3 +83,21 @@ def add_peft_adapter(model: PreTrainedModel, config: PeftConfig, block_size: int
             f"model's {positions} positions; use a smaller --block_size"
         )
     return peft_model
+
+
+def adapter_config(model: PreTrainedModel) -> dict[str, Any] | None:
+    """A PEFT model's whole adapter config, as JSON (sets as sorted lists, like save_pretrained); None otherwise."""
+    if not isinstance(model, PeftModel):
+        return None
+    as_json = json.dumps(model.active_peft_config.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else v)
+    return json.loads(as_json)
+
+
+def peft_file_adapter_config(path: str, model: str, revision: str | None = None) -> dict[str, Any]:
+    """The adapter config a `peft` run of the file `path` on `model` records now: the file as PEFT reads it, PEFT's
+    defaults for the keys it leaves out, and what PEFT derives from the model (target modules, layers, ...), built
+    as the run builds it but on an empty (meta) model, so no weights are read."""
+    config = load_peft_config(path)
+    with torch.device("meta"):
+        empty = AutoModelForCausalLM.from_config(load_model_config(model, revision))
+    return adapter_config(get_peft_model(empty, config))

@@ -7,7 +7,14 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.utils import cached_file
 
 from pipeline.hub import load_error
@@ -37,6 +44,11 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def load_model_config(name: str, revision: str | None = None) -> PretrainedConfig:
+    """The model's config (its architecture), without its weights."""
+    return _load("model config", name, AutoConfig.from_pretrained, revision=revision)
+
+
 def load_causal_lm(name: str, from_scratch: bool = False, revision: str | None = None) -> tuple[PreTrainedModel, str]:
     """Pretrained weights, or with `from_scratch` a random init of the same architecture (no weights needed), in
     float32 whatever the checkpoint's dtype; and the checkpoint's own dtype (e.g. "bfloat16"). `revision`: a Hub
@@ -46,7 +58,7 @@ def load_causal_lm(name: str, from_scratch: bool = False, revision: str | None =
     a half-precision checkpoint as it is stored. Mixed precision comes only from --precision (autocast).
     """
     if from_scratch:
-        config = _load("model config", name, AutoConfig.from_pretrained, revision=revision)
+        config = load_model_config(name, revision)
         stored = config.dtype or torch.float32  # from_config would follow it
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     else:

@@ -31,6 +31,7 @@ class RunDirectory:
     figures: dict[str, Any] = field(default_factory=dict)
     lock: IO | None = None
     started_at: str | None = None  # when the run's first session began (main process only)
+    earlier: dict[str, Any] = field(default_factory=dict)  # what its earlier sessions recorded (main process only)
 
     @property
     def checkpoints(self) -> Path:
@@ -223,7 +224,7 @@ def open_run(output_dir: Path, run_name: str | None, resume: str | None, mode: s
             write_results(path, {"status": "running", "mode": mode, "started_at": run.started_at})
             return run
         previous = read_results(path)
-        run.started_at = previous.get("started_at")
+        run.started_at, run.earlier = previous.get("started_at"), previous
         if previous.get("status") == "finished":
             raise ToolError(f"{path} finished already; there is nothing to resume")
         if previous.get("mode", mode) != mode:

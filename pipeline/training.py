@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -12,10 +11,10 @@ from typing import Any
 import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
-from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments, default_data_collator
 
 from pipeline import hub
+from pipeline.adapters import adapter_config
 from pipeline.data import PackedBlocks, load_text_splits, prepare_lm_splits, prompt_reference_pairs
 from pipeline.forgetting import Forgetting, forgetting_blocks
 from pipeline.generation import evaluate_generation
@@ -32,7 +31,6 @@ from utils import (
     ToolError,
     environment_info,
     make_durable,
-    peft_config_file,
     timestamp,
 )
 
@@ -228,12 +226,8 @@ def run_record(
         "method": method_name(mode, config, adapter),
         "peft_type": adapter and adapter["peft_type"],
         "adapter_config": adapter,
-        # the --peft_config file as the run read it: a study run again compares the file with it, every key
-        "peft_config_as_written": json.loads(peft_config_file(args.peft_config).read_text())
-        if args.peft_config
-        else None,
         "model": config["model"],
-        "model_revision": hub.model_revision(config["model"]),  # what `analyze` reloads the starting weights from
+        "model_revision": model_revision(run, config["model"]),  # what `analyze` reloads the starting weights from
         "run_dir": str(run.path),
         "started_at": run.started_at or timestamp(),
         "resumed_from": str(run.checkpoint) if run.checkpoint else None,
@@ -261,12 +255,10 @@ def run_record(
     }
 
 
-def adapter_config(model: PreTrainedModel) -> dict[str, Any] | None:
-    """A PEFT model's whole adapter config, as JSON (sets as sorted lists, like save_pretrained); None otherwise."""
-    if not isinstance(model, PeftModel):
-        return None
-    as_json = json.dumps(model.active_peft_config.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else v)
-    return json.loads(as_json)
+def model_revision(run: RunDirectory, model: str) -> str | None:
+    """The Hub model's commit the run started from: on --resume the one its first session recorded, even if the
+    Hub's default branch has moved since (hub.model_revision for a new run, or one that recorded none yet)."""
+    return run.earlier["model_revision"] if "model_revision" in run.earlier else hub.model_revision(model)
 
 
 def evaluate_and_save_results(

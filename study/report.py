@@ -110,6 +110,7 @@ def settings(run: Run) -> dict[str, Any]:
         "global_batch_size": run.get("global_batch_size"),
         "gpus_per_process": run.get("gpus_per_process"),
         "checkpoint_dtype": run.get("checkpoint_dtype"),
+        "model_revision": run.get("model_revision"),  # a Hub model's commit; unrecorded (local, older runs): left out
     } | {key: environment.get(key) for key in HARDWARE}
     return {
         k: canonical(k, v)
@@ -194,8 +195,11 @@ def shared_and_differing_settings(columns: list[list[Run]]) -> tuple[dict[str, A
             if not having:
                 continue
             values = [settings(r)[key] for r in having]
-            typed = [(r.get("paths_as_typed") or {}).get(key, value) for r, value in zip(having, values, strict=True)]
             alike = len({json.dumps(v, default=str) for v in values}) == 1
+            if not alike:  # a replicate setting (the seed): in its values' order, not that of the run folders' names
+                having = sorted(having, key=lambda r: settings(r)[key])
+                values = sorted(values)
+            typed = [(r.get("paths_as_typed") or {}).get(key, value) for r, value in zip(having, values, strict=True)]
             recorded[column_label(column)] = values[0] if alike else values
             shown[column_label(column)] = typed[0] if alike else typed
         if len({json.dumps(v, default=str) for v in recorded.values()}) > 1:
@@ -484,7 +488,13 @@ def pooled_table(arms: list[statistics.Arm]) -> str:
 
 # What a study's runs must share for their figures to be pooled and paired: what groups runs in `compare` (but the
 # generation examples, which a swept run trains without), and what they were measured on.
-MEASURED_ALIKE = (*(k for k in GROUPED if k != "eval_examples"), "world_size", "gpus_per_process", *HARDWARE)
+MEASURED_ALIKE = (
+    *(k for k in GROUPED if k != "eval_examples"),
+    "model_revision",
+    "world_size",
+    "gpus_per_process",
+    *HARDWARE,
+)
 
 
 def mixed_measurement_note(runs: list[Run]) -> list[str]:

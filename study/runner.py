@@ -261,32 +261,60 @@ def changed_settings(config: dict, expected: RunSettings) -> list[str]:
     ]
 
 
-def changed_adapter(record: dict, expected: RunSettings) -> list[str]:
-    """The keys of a peft: arm's config file whose value differs from the adapter config the arm recorded, and
-    those the file held when the arm read it (`peft_config_as_written`) but no longer holds: PEFT's default then
-    replaces the value the arm trained with."""
-    adapter = record.get("adapter_config")
-    if not adapter or not expected.peft_config:
+# Reading a PEFT config as PEFT does needs peft, and so torch, which the study never imports: a process of its own.
+REBUILD = (
+    "import json, sys\nfrom pipeline.adapters import peft_file_adapter_config\nfrom utils import ToolError\n"
+    "try: print(json.dumps([peft_file_adapter_config(*arm) for arm in json.loads(sys.argv[1])]))\n"
+    "except ToolError as e: sys.exit(str(e))"
+)
+
+
+def peft_file_adapter_configs(arms: list[tuple[str, str, str | None]]) -> list[dict]:
+    """For each (PEFT config file, model, revision), the adapter config a run of the file would record now
+    (pipeline.adapters.peft_file_adapter_config)."""
+    done = subprocess.run(
+        [sys.executable, "-c", REBUILD, json.dumps(arms)], cwd=MAIN.parent, capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+        raise ToolError(f"could not read the peft: arms' config files as PEFT does: {lines[-1]}")
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def changed_adapter(recorded_config: dict | None, now: dict | None) -> list[str]:
+    """The keys of the adapter config a peft: arm recorded whose value its config file now gives otherwise, read
+    as PEFT reads it: a key deleted from the file counts when PEFT's default differs from what the arm trained with.
+    Keys that PEFT of the arm's version did not have, or that say where the adapter was loaded, do not count."""
+    if not recorded_config or not now:
         return []
 
     def canonical_value(value: object) -> str:  # PEFT keeps module names as a set: written as a sorted list
         return json.dumps(sorted(value, key=str) if isinstance(value, list) else value)
 
-    ignored = (*NOT_ADAPTER_SETTINGS, "task_type")
-    written = json.loads(peft_config_file(expected.peft_config).read_text())
-    deleted = [key for key in record.get("peft_config_as_written") or {} if key not in written and key not in ignored]
     return [
-        f"{key} {adapter.get(key)} -> {value}"
-        for key, value in written.items()
-        if key not in ignored and canonical_value(adapter.get(key)) != canonical_value(value)
-    ] + [f"{key} {adapter.get(key)} -> (deleted from the file)" for key in deleted]
+        f"{key} {value} -> {now[key]}"
+        for key, value in recorded_config.items()
+        if key not in NOT_ADAPTER_SETTINGS and key in now and canonical_value(value) != canonical_value(now[key])
+    ]
 
 
 def check_settings(study_dir: Path, name: str, planned: list[Planned]) -> None:
     """Before any run starts: a run (finished or not) recorded with other settings than this command gives it."""
-    for run in planned:
-        record = recorded(study_dir / run.name)
-        changed = changed_settings(record.get("config", {}), run.settings) + changed_adapter(record, run.settings)
+    records = [recorded(study_dir / run.name) for run in planned]
+    peft_arms = {
+        run.name: (
+            str(Path(run.settings.peft_config).resolve()),
+            record["config"]["model"],
+            record.get("model_revision"),
+        )
+        for run, record in zip(planned, records, strict=True)
+        if run.settings.peft_config and record.get("adapter_config") and "model" in record.get("config", {})
+    }
+    arms = sorted(set(peft_arms.values()), key=str)
+    now = dict(zip(arms, peft_file_adapter_configs(arms), strict=True)) if arms else {}
+    for run, record in zip(planned, records, strict=True):
+        changed = changed_settings(record.get("config", {}), run.settings)
+        changed += changed_adapter(record.get("adapter_config"), now.get(peft_arms.get(run.name)))
         if changed:
             raise ToolError(
                 f"study {name}: {run.name} was started with other settings ({', '.join(changed)}); "

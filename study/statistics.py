@@ -118,8 +118,13 @@ class Arm:
 
     @property
     def lora_family(self) -> bool:
-        """Trained by the `lora` command (LoRA, DoRA, rsLoRA), as its runs' mode says, whatever the arm is named."""
-        return all(run["mode"] == "lora" for rate in self.rates for run in rate.runs)
+        """A LoRA adapter (LoRA, DoRA, rsLoRA): trained by the `lora` command, or a `peft:` arm whose config is
+        LoRA's (its recorded adapter config's peft_type), whatever the arm is named."""
+        return all(
+            run["mode"] == "lora" or (run.get("adapter_config") or {}).get("peft_type") == "LORA"
+            for rate in self.rates
+            for run in rate.runs
+        )
 
     @property
     def bracket(self) -> tuple[Rate, Rate] | None:
@@ -220,14 +225,16 @@ def pooled_figure(runs: list[Run], key: str) -> Pooled | None:
 
 
 def pooled_text(runs: list[Run], key: str) -> str:
-    """A figure of replicate runs as the tables show it: one run's as it is, several runs' mean ± sample SD (n); a
-    time figure marked when any run's machine was busy."""
+    """A figure of replicate runs as the tables show it: one run's as it is, several runs' mean ± sample SD (n, the
+    runs that recorded a finite value: one alone still says n=1); a time figure marked when any run's machine was
+    busy."""
     if len(runs) == 1:
         return figure_text(runs[0], key)
     pooled = pooled_figure(runs, key)
     if pooled is None:
         return "-"
-    return pooled.text() + (BUSY_MARK if key in TIMED and any(busy(r) for r in runs) else "")
+    text = pooled.text() if pooled.n > 1 else f"{pooled.text()} (n=1)"
+    return text + (BUSY_MARK if key in TIMED and any(busy(r) for r in runs) else "")
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,10 @@ from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 import main as cli
-from pipeline.adapters import load_peft_config
+from pipeline.adapters import load_peft_config, peft_file_adapter_config
 from pipeline.modeling import load_tokenizer
 from pipeline.training import load_packed_splits
+from study.runner import changed_adapter
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "peft-configs"
 # The methods README lists as tested end to end: a config each, sized for the tiny GPT-2 (32-wide).
@@ -61,7 +62,8 @@ def test_each_method_trains_saves_reloads_and_measures_as_peft_does(method, comm
     assert run["status"] == "finished" and run["mode"] == "peft" and run["optimizer_steps"] == 2
     assert run["peft_type"] == saved["peft_type"] == method.upper()
     assert run["adapter_config"]["peft_type"] == method.upper() and run["method"].split()[0] == method
-    assert run["peft_config_as_written"] == json.loads(config.read_text())
+    # what a study run again compares its file with: the file read now, rebuilt on an empty model, is what it recorded
+    assert changed_adapter(run["adapter_config"], peft_file_adapter_config(str(config), run["config"]["model"])) == []
     assert (run["metrics"] or {}).get("num_examples") == (2 if generated else None)
 
     args = cli.build_parser().parse_args(argv)
@@ -146,26 +148,24 @@ def test_prompt_learning_generation_is_greedy_decoding_through_peft_forward(meth
         assert hypothesis == tokenizer.decode(tokens[0, start:], skip_special_tokens=True).strip()
 
 
-def test_a_peft_arm_whose_config_file_changed_since_it_ran_is_named(tmp_path):
-    from argparse import Namespace
+def test_a_peft_arm_whose_config_file_changed_since_it_ran_is_named(tmp_path, tiny_model_dir):
+    """The file read as PEFT reads it, against the adapter config the arm recorded (a run of any version): a key
+    deleted from the file counts when PEFT's default is not what the arm trained with, and only then."""
+    config = tmp_path / "lora.json"
 
-    from study.runner import changed_adapter
+    def now(**file: object) -> dict:
+        config.write_text(json.dumps({"peft_type": "LORA", "r": 2} | file))
+        return peft_file_adapter_config(str(config), str(tiny_model_dir))
 
-    config = tmp_path / "ia3.json"
-    config.write_text(
-        json.dumps({"peft_type": "IA3", "target_modules": ["mlp.c_proj", "c_attn"], "inference_mode": True})
+    trained = {"lora_alpha": 16, "target_modules": ["c_proj", "c_attn"], "fan_in_fan_out": True}
+    recorded = now(**trained, inference_mode=True)
+    assert changed_adapter(recorded, now(**trained)) == []  # module order and mode are no change
+    # fan_in_fan_out deleted (PEFT sets it for GPT-2's Conv1D) and a default written out: what the arm had
+    assert (
+        changed_adapter(recorded, now(lora_alpha=16, target_modules=["c_attn", "c_proj"], init_lora_weights=True)) == []
     )
-    record = {
-        "adapter_config": {"peft_type": "IA3", "target_modules": ["c_attn", "mlp.c_proj"], "inference_mode": False}
-    }
-    assert changed_adapter(record, Namespace(peft_config=str(config))) == []  # module order and mode are no change
-    config.write_text(json.dumps({"peft_type": "IA3", "target_modules": ["c_attn"]}))
-    assert changed_adapter(record, Namespace(peft_config=str(config))) == [
-        "target_modules ['c_attn', 'mlp.c_proj'] -> ['c_attn']"
+    assert sorted(changed_adapter(recorded, now(target_modules=["c_attn", "c_proj"], lora_dropout=0.1))) == [
+        "lora_alpha 16 -> 8",  # deleted: PEFT's default now replaces what the arm trained with
+        "lora_dropout 0.0 -> 0.1",
     ]
-    # a key deleted from the file: PEFT's default now replaces what the arm trained with
-    written = {"peft_type": "IA3", "target_modules": ["c_attn"], "feedforward_modules": ["c_attn"]}
-    record |= {"peft_config_as_written": written, "adapter_config": record["adapter_config"] | written}
-    assert changed_adapter(record, Namespace(peft_config=str(config))) == [
-        "feedforward_modules ['c_attn'] -> (deleted from the file)"
-    ]
+    assert changed_adapter(recorded, now(lora_alpha=16)) == ["target_modules ['c_attn', 'c_proj'] -> ['c_attn']"]

@@ -55,6 +55,18 @@ def test_resuming_continues_from_the_figures_of_its_checkpoint_and_keeps_the_sta
         assert opened.figures == {"train_time_s": 3.0} and opened.started_at == "t0"
 
 
+def test_a_resumed_run_records_the_hub_commit_its_first_session_started_from(tmp_path):
+    from pipeline.training import model_revision
+
+    run = unfinished_run(tmp_path)
+    with open_run(tmp_path, "run", "latest", "full") as opened:  # a first session that stopped before recording it
+        assert model_revision(opened, "/a/local/model") is None
+    first = "a" * 40  # the Hub's main branch when the run started; offline now and the cache empty: it resolves none
+    (run / "results.json").write_text(json.dumps(read_results(run) | {"model_revision": first}))
+    with open_run(tmp_path, "run", "latest", "full") as opened:
+        assert model_revision(opened, "someone/no-such-model") == first
+
+
 def test_an_explicit_checkpoint_sets_newer_ones_aside_as_abandoned(tmp_path):
     run = unfinished_run(tmp_path)
     older = checkpoint(run, 2)

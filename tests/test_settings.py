@@ -90,7 +90,32 @@ def test_seed_replicates_share_a_table_and_a_new_experiment_setting_does_not():
     assert "/elsewhere/full-s7" in [r["run_dir"] for r in with_base]
     columns = replicate_columns(with_base)
     assert [len(c) for c in columns] == [1, 2, 1, 1]  # the seed is a replicate: full and full-s7 are one column
-    assert shared_and_differing_settings(columns)[1]["seed"]["full (full, full-s7)"] == [2024, 7]
+    assert shared_and_differing_settings(columns)[1]["seed"]["full (full, full-s7)"] == [7, 2024]
+
+
+def test_columns_pooling_the_same_seeds_in_another_folder_order_do_not_differ_in_seed():
+    base, full, _, _ = legacy_runs()
+    runs = []
+    for run, folder, seed in ((base, "base-1", 1), (base, "base-2", 2), (full, "full-a", 2), (full, "full-b", 1)):
+        runs.append(json.loads(json.dumps(run)) | {"run_dir": f"/elsewhere/{folder}"})
+        runs[-1]["config"]["seed"] = seed
+    shared, differ = shared_and_differing_settings(replicate_columns(runs))
+    assert "seed" not in differ and shared["seed"] == [1, 2]
+
+
+def test_runs_that_started_from_different_commits_of_a_hub_model_are_not_pooled():
+    """Seed 1 before the Hub model's main branch moved, seed 2 after: two columns, the commit listed as differing;
+    runs that recorded no commit (local models, earlier versions) pool as before."""
+    _, full, _, _ = legacy_runs()
+    runs = []
+    for folder, seed, commit in (("full-s1", 1, "a" * 40), ("full-s2", 2, "b" * 40), ("old-s1", 1, None)):
+        runs.append(json.loads(json.dumps(full)) | {"run_dir": f"/elsewhere/{folder}", "model_revision": commit})
+        runs[-1]["config"]["seed"] = seed
+    columns = replicate_columns(runs)
+    assert [len(c) for c in columns] == [1, 1, 1]
+    assert shared_and_differing_settings(columns)[1]["model_revision"]["full (full-s2)"] == "b" * 40
+    unrecorded = [r | {"model_revision": None} for r in runs[:2]]
+    assert [len(c) for c in replicate_columns(unrecorded)] == [2]
 
 
 def test_compare_over_runs_that_differ_only_in_seed_prints_one_column_with_mean_sd_and_n(tmp_path):

@@ -100,14 +100,19 @@ def test_the_paired_interval_is_the_one_scipy_computes_from_the_recorded_losses(
 
 def test_a_peft_arm_named_like_a_lora_family_is_not_counted_as_lora(runs):
     """The family comes from the arm's method, never from its name: a peft: arm named lora-rank2 or dora-style is
-    no LoRA arm, so no rate multiple is printed for it."""
+    no LoRA arm, so no rate multiple is printed for it; one whose config is LoRA's has one."""
     for name in ("lora-rank2", "dora-style"):
         config = {"peft_config": f"/configs/{name}.json", "learning_rate": 1e-3, "seed": 2024}
         runs.append(planted("full", 1e-3, 2024, 2.0, 2.0) | {"mode": "peft", "method": "ia3", "config": config})
+    # and a peft: arm whose config is LoRA's is LoRA, whatever it is named
+    config = {"peft_config": "/configs/my-adapter.json", "learning_rate": 1e-3, "seed": 2024}
+    adapter = {"adapter_config": {"peft_type": "LORA", "r": 4}}
+    runs.append(planted("full", 1e-3, 2024, 2.0, 2.0) | {"mode": "peft", "config": config} | adapter)
     arms = statistics.choose_rates(runs)
-    assert {"lora-rank2", "dora-style"} <= {a.name for a in arms}
+    assert {"lora-rank2", "dora-style", "my-adapter"} <= {a.name for a in arms}
     assert not arm(arms, "lora-rank2").lora_family and arm(arms, "lora-r8").lora_family
-    assert statistics.rate_multiples(arms) == {"lora-r8": pytest.approx(1e-3 / 3e-5)}
+    assert arm(arms, "my-adapter").lora_family
+    assert statistics.rate_multiples(arms) == {"lora-r8": pytest.approx(1e-3 / 3e-5), "my-adapter": 1e-3 / 3e-5}
 
 
 def test_an_arm_whose_every_rate_diverged_is_failed_and_a_rate_with_a_diverged_seed_is_never_chosen(runs):
@@ -132,6 +137,15 @@ def test_one_seed_shows_the_figures_as_they_are_without_spread_or_interval():
     (loss, _) = statistics.arm_differences(arms)
     assert loss.low is None and loss.beyond_noise is None and "one seed" in loss.verdict()
     assert statistics.pool([22.1, 22.4, 22.9]).text() == "22.5 ± 0.4 (n=3)"
+
+
+def test_a_pooled_figure_only_one_seed_recorded_says_n_1_not_a_bare_number():
+    """Two seeds, one without METEOR (no NLTK data) or with an infinite perplexity: the cell says n=1."""
+    first = planted("full", 1e-5, 2024, 2.5, 2.61, metrics={"meteor": None}, test_perplexity=math.inf)
+    second = planted("full", 1e-5, 2025, 2.5, 2.61, metrics={"meteor": 0.5})
+    assert statistics.pooled_text([first, second], "metrics.meteor") == "0.5000 (n=1)"
+    assert statistics.pooled_text([first, second], "test_perplexity") == f"{format_value(math.exp(2.61))} (n=1)"
+    assert statistics.pooled_text([first, first], "metrics.meteor") == "-"
 
 
 def test_the_cost_counts_every_run_and_what_the_sweep_and_the_seeds_multiplied(runs):
