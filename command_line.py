@@ -260,7 +260,15 @@ def training_flags(learning_rate: float | None, weight_decay: float | None) -> a
     g.add_argument("--gradient_accumulation_steps", type=positive_int, default=1, help="(default: 1)")
     g.add_argument("--eval_steps", type=positive_int, help="validate every N steps (default: once per epoch)")
     g.add_argument("--logging_steps", type=positive_int, default=10, help="steps per logged loss (default: 10)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument(
+        "--compile",
+        nargs="?",
+        const="on",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="torch.compile the model's body for training steps; auto: on for models of 50M parameters or more "
+        "trained for 200 steps or more (default: auto; --compile alone: on)",
+    )
     g.add_argument(
         "--report_to", type=tracker, default="none", help=f"experiment tracker: {'|'.join(TRACKERS)} (default: none)"
     )

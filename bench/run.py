@@ -28,12 +28,14 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere: the tool's modul
 
 import psutil  # noqa: E402
 import torch  # noqa: E402
+from run_clm import GroupedTexts, run_clm_trainer  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback  # noqa: E402
 
 import main as cli  # noqa: E402
 from lora_finetuning import add_lora_adapters  # noqa: E402
-from pipeline.data import (  # noqa: E402  # noqa: E402
+from pipeline.compilation import compile_seconds  # noqa: E402
+from pipeline.data import (  # noqa: E402
     PackedBlocks,
     pack_into_blocks,
     packed_blocks_cached,
@@ -51,7 +53,11 @@ from utils import MIB, atomic_write_json, atomic_write_text, environment_info, o
 SHARED = ROOT.parent / "shared"
 QUICK_SHAPE = {"n_layer": 2, "n_embd": 128, "n_head": 2}
 MODES = ("full", "lora")
-VARIANTS = {"plain": (), "checkpointing": ("--activation_checkpointing",), "compile": ("--compile",)}
+VARIANTS = {
+    "plain": ("--compile", "off"),
+    "checkpointing": ("--activation_checkpointing", "--compile", "off"),
+    "compile": ("--compile", "on"),
+}
 
 
 def parse_args() -> argparse.Namespace:
@@ -143,9 +149,11 @@ class SeedStyleRows(torch.utils.data.Dataset):
 
 
 def training_datasets(rows: list[str], tokenizer, block_size: int) -> dict[str, torch.utils.data.Dataset]:
+    ours = PackedBlocks(pack_into_blocks(tokenize_rows(rows, tokenizer), block_size))
     return {
-        "ours": PackedBlocks(pack_into_blocks(tokenize_rows(rows, tokenizer), block_size)),
+        "ours": ours,
         "seed_style": SeedStyleRows([r for r in rows if r.strip()], tokenizer, block_size),
+        "run_clm": GroupedTexts(ours),  # the same blocks, as run_clm's group_texts gives them
     }
 
 
@@ -201,14 +209,19 @@ def timed_training(job: dict) -> dict:
     train = training_datasets(load_rows(args.text), load_tokenizer(args.model), args.block_size)[job["pipeline"]]
     lora = job["mode"] == "lora"
     model = build_model(args, lora)
+    if job.get("inductor_cache"):  # a cold or warm compile, as the job asks
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = job["inductor_cache"]
     with tempfile.TemporaryDirectory() as tmp:
         flags = recipe_flags(args, job["mode"], job["extra"])
-        trainer = build_trainer(flags, model, {"train": train, "validation": train}, Path(tmp))
-        trainer.args.save_strategy = "no"  # checkpoints are not what is measured here
+        if job["pipeline"] == "run_clm":
+            trainer = run_clm_trainer(model, train, tmp, args.batch_size, flags.max_steps, flags.precision)
+        else:
+            trainer = build_trainer(flags, model, {"train": train, "validation": train}, Path(tmp))
+            trainer.args.save_strategy = "no"  # checkpoints are not what is measured here
+            trainer.args.eval_strategy = "no"  # only training is timed; skip the end-of-training validation
+            trainer.args.disable_tqdm = True
         if job["pipeline"] == "seed_style":
             trainer.args.include_num_input_tokens_seen = "non_padding"  # count real tokens, not padding
-        trainer.args.eval_strategy = "no"  # only training is timed; skip the end-of-training validation
-        trainer.args.disable_tqdm = True
         clock = StepClock()
         trainer.add_callback(clock)
         resident_before = psutil.Process().memory_info().rss / MIB  # the weights, the libraries, the data
@@ -227,6 +240,8 @@ def timed_training(job: dict) -> dict:
         "peak_cpu_memory_mb": memory.peak_cpu_mb,
         "peak_gpu_memory_mb": memory.peak_gpu_mb,
         "peak_memory_mb": memory.peak_gpu_mb if memory.peak_gpu_mb is not None else memory.peak_cpu_mb,
+        "compiled": getattr(trainer, "compiled", False),
+        "compile_time_s": compile_seconds(),  # this process's, all of it in training
     }
 
 
@@ -324,13 +339,6 @@ def ratio(faster: dict, slower: dict) -> float | None:
     return faster["real_tokens_per_s"] / slower["real_tokens_per_s"]
 
 
-def compile_seconds(runs: dict) -> float | None:
-    """Compilation time: the compiled run's first step beyond the plain run's first step."""
-    if "error" in runs["compile"]:
-        return None
-    return runs["compile"]["first_step_s"] - runs["plain"]["first_step_s"]
-
-
 def variant_row(label: str, factor: float | None, missing: str = "failed") -> list[str]:
     """A row of one ratio, or why it is missing."""
     return [label, "", "", missing if factor is None else f"{factor:.2f}x"]
@@ -415,7 +423,7 @@ def main() -> None:
         "checkpointing_slowdown": {m: ratio(variants[m]["plain"], variants[m]["checkpointing"]) for m in MODES},
         "compile_speedup": {m: ratio(variants[m]["compile"], variants[m]["plain"]) for m in MODES},
         "compile_error": {m: variants[m]["compile"].get("error") for m in MODES},
-        "compile_time_s": {m: compile_seconds(variants[m]) for m in MODES},
+        "compile_time_s": {m: variants[m]["compile"].get("compile_time_s") for m in MODES},
         "data_prep_s": prep,
         "matmul_peak_flop_per_s": peak,
         "memory_read_bytes_per_s": bandwidth,

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import Cache, DynamicLayer, PreTrainedModel, PreTrainedTokenizerBase
 
+from pipeline.compilation import eager
+from pipeline.lean_training import fuse_gelu
 from pipeline.measurement import synchronize
 from pipeline.modeling import virtual_tokens
 from pipeline.scoring import corpus_scores
@@ -67,7 +69,74 @@ def prompt_batches(
     ]
 
 
+class BeamLayer(DynamicLayer):
+    """One layer's key-value cache for beam search over prompts encoded once: its first update (the prompts) is
+    copied to every beam of a buffer allocated once for the whole generation, later tokens are written in place, and
+    reordering the beams moves only the generated positions (every beam of a prompt shares the prompt's, and beam
+    search only reorders beams within a prompt). transformers' own caches concatenate (DynamicCache) or reorder the
+    whole buffer (StaticCache) at every step."""
+
+    def __init__(self, num_beams: int, max_length: int):
+        super().__init__()
+        self.num_beams, self.max_length = num_beams, max_length
+        self.length = self.shared = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        rows, heads, _, dim = key_states.shape
+        shape = (rows * self.num_beams, heads, self.max_length, dim)
+        self.key_buffer = key_states.new_empty(shape)
+        self.value_buffer = value_states.new_empty(shape)
+        self.keys = self.values = key_states.new_empty(0)
+        self.device, self.is_initialized = key_states.device, True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        new = key_states.shape[-2]
+        span = slice(self.length, self.length + new)
+        self.length += new
+        if key_states.shape[0] < self.key_buffer.shape[0]:  # the prompts, once each: the beams get copies
+            self.key_buffer[:, :, span] = key_states.repeat_interleave(self.num_beams, 0)
+            self.value_buffer[:, :, span] = value_states.repeat_interleave(self.num_beams, 0)
+            self.shared = self.length
+            return key_states, value_states
+        self.key_buffer[:, :, span] = key_states
+        self.value_buffer[:, :, span] = value_states
+        self.keys, self.values = self.key_buffer[:, :, : self.length], self.value_buffer[:, :, : self.length]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        generated = slice(self.shared, self.length)
+        self.key_buffer[:, :, generated] = self.key_buffer[beam_idx, :, generated]
+        self.value_buffer[:, :, generated] = self.value_buffer[beam_idx, :, generated]
+
+
+def generate_once_per_prompt(
+    model: PreTrainedModel, inputs: dict[str, torch.Tensor], num_beams: int, max_new_tokens: int, **generation
+) -> torch.Tensor:
+    """`model.generate` beam search, with each prompt but its last token run once (not once per beam) into a
+    `BeamLayer` cache that generate then continues; the same search and the same tokens as generate alone."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    length = ids.shape[1]
+    cache = Cache(layers=[BeamLayer(num_beams, length + max_new_tokens) for _ in range(model.config.num_hidden_layers)])
+    if length > 1:
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # as generate numbers left-padded prompts
+        model(
+            input_ids=ids[:, :-1],
+            attention_mask=mask[:, :-1],
+            position_ids=positions[:, :-1],
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+    return model.generate(**inputs, cache=cache, num_beams=num_beams, max_new_tokens=max_new_tokens, **generation)
+
+
 @torch.no_grad()
+@eager()  # a model compiled for training steps would compile again for every shape generation takes
 def generate_continuations(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -77,10 +146,12 @@ def generate_continuations(
     batch_size: int,
 ) -> tuple[list[str], int]:
     """Beam-search continuation of each prompt (new tokens only, decoded), batched by budget and length; and how
-    many new tokens they hold (a finished beam's padding after its end-of-text token not counted). A PEFT model
+    many new tokens they hold (a finished beam's padding after its end-of-text token not counted). Each prompt is
+    encoded once for all its beams (`generate_once_per_prompt`), with GPT-2's GELU fused (`fuse_gelu`). A PEFT model
     generates through its own generate (prefix and prompt tuning put their virtual tokens before the prompt there),
     with the cache off: PEFT 0.21's cached generate on GPT-2 gave other tokens than its own forward (tested)."""
     model.eval()
+    fuse_gelu(model)  # as training runs already have it: every arm generates with the same GELU kernel
     tokenizer.padding_side = "left"
     tokenizer.truncation_side = "left"  # keep the prompt's end when it would overflow the context
     hypotheses = [""] * len(prompts)
@@ -91,15 +162,11 @@ def generate_continuations(
         inputs = tokenizer(
             [prompts[i] for i in batch], return_tensors="pt", padding=True, truncation=True, max_length=prompt_tokens
         ).to(model.device)
-        output = model.generate(
-            **inputs,
-            max_new_tokens=budget,
-            num_beams=num_beams,
-            no_repeat_ngram_size=2,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            use_cache=virtual == 0,
-        )
+        search = {"no_repeat_ngram_size": 2, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+        if virtual:
+            output = model.generate(**inputs, max_new_tokens=budget, num_beams=num_beams, use_cache=False, **search)
+        else:
+            output = generate_once_per_prompt(model, inputs, num_beams, budget, **search)
         continuation = output[:, inputs["input_ids"].shape[1] :]
         new_tokens += int((continuation != tokenizer.pad_token_id).sum())
         texts = tokenizer.batch_decode(continuation, skip_special_tokens=True)

@@ -20,6 +20,7 @@ import torch
 from accelerate.utils import gather_object
 from transformers import TrainerCallback
 
+from pipeline.compilation import compile_seconds
 from utils import MIB
 
 
@@ -231,11 +232,13 @@ class RunClock(TrainerCallback):
     """Seconds a run spent in optimizer steps, in loss evaluation and in checkpoint saves, over every session.
 
     A step runs from the Trainer's step-begin to its step-end callback: forward, backward and optimizer update.
-    Each session's first step (one-time start-up: allocation, kernel selection, CUDA initialisation, compilation)
-    is also counted apart, in first_step_s and first_step_tokens, so that a rate can leave it out.
+    Each session's first step (one-time start-up: allocation, kernel selection, CUDA initialisation, compilation),
+    and any later step in which torch.compile compiled (a new shape, such as an epoch's shorter last batch), is also
+    counted apart, in first_step_s and first_step_tokens, so that a rate can leave it out; compile_time_s is the
+    compiling itself.
     """
 
-    KEYS = ("train_time_s", "first_step_s", "eval_time_s", "checkpoint_time_s")
+    KEYS = ("train_time_s", "first_step_s", "compile_time_s", "eval_time_s", "checkpoint_time_s")
 
     def __init__(self) -> None:
         self.seconds = dict.fromkeys(self.KEYS, 0.0)
@@ -251,18 +254,21 @@ class RunClock(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._step_start, self._tokens_at_start = time.perf_counter(), state.num_input_tokens_seen
+        self._compiled_at_start = compile_seconds()
 
     def on_step_end(self, args, state, control, **kwargs):
         synchronize(args.device)
         seconds = time.perf_counter() - self._step_start
         self.seconds["train_time_s"] += seconds
-        if self._first_of_session:
+        compiling = compile_seconds() - self._compiled_at_start
+        self.seconds["compile_time_s"] += compiling
+        if self._first_of_session or compiling > 0:
             self._first_of_session = False
             self.seconds["first_step_s"] += seconds
             self.first_step_tokens += int(state.num_input_tokens_seen - self._tokens_at_start)
 
     def tokens_per_s(self, tokens: int) -> float | None:
-        """Training tokens per second over the steps after each session's first; None before there are any."""
+        """Training tokens per second over the steps that were not start-up (first_step_s); None before any."""
         seconds = self.seconds["train_time_s"] - self.seconds["first_step_s"]
         return (tokens - self.first_step_tokens) / seconds if seconds > 0 else None
 

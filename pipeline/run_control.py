@@ -12,6 +12,7 @@ import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 
+from pipeline.compilation import compile_body, eager
 from pipeline.lean_training import LeanTrainingMixin
 from pipeline.measurement import RunClock
 from pipeline.run_directory import CHECKPOINT_FIGURES
@@ -126,11 +127,15 @@ class CheckedTrainer(LeanTrainingMixin, Trainer):
     checkpoint saves on `clock`, and completes each checkpoint: its files durable on disk, then
     `checkpoint_saved(path)` (which writes the figures that mark it complete), then the rotation that keeps
     `checkpoints_kept` of them (after the mark, so a complete checkpoint is never rotated away for one that is not).
-    It also saves memory and time where the numbers stay the same (lean_training.py).
+    It also saves memory and time where the numbers stay the same (lean_training.py), and with `compiled` trains
+    through the model's body compiled in place (compilation.py), evaluating it eagerly.
     """
 
-    def __init__(self, *args, checkpoints_kept: int | None = None, **kwargs) -> None:
+    def __init__(self, *args, checkpoints_kept: int | None = None, compiled: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.compiled = compiled
+        if compiled:
+            compile_body(self.model)
         self.clock = RunClock()
         self.add_callback(self.clock)
         self.add_callback(StopWhenNothingIsLeft())
@@ -159,7 +164,7 @@ class CheckedTrainer(LeanTrainingMixin, Trainer):
         return loss
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        with self.clock.timing("eval_time_s"):
+        with self.clock.timing("eval_time_s"), eager():
             if self.forgetting is not None and metric_key_prefix == "eval":  # a validation, not the test split
                 output = self.forgetting_loss()
                 self._forgetting_logs = {"forgetting_loss": output.metrics["forgetting_loss"]}

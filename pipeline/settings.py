@@ -82,7 +82,7 @@ class RunSettings:
     gradient_accumulation_steps: int | None = setting("swept", TRAINING)
     eval_steps: int | None = setting("swept", TRAINING)  # when validation runs: the best validation loss's points
     logging_steps: int | None = setting("swept", TRAINING)  # the windows the best training loss is the mean of
-    compile: bool | None = setting("swept", TRAINING)
+    compile: str | None = setting("swept", TRAINING)
     report_to: str | None = setting("bookkeeping", TRAINING)
     activation_checkpointing: bool | None = setting("swept", TRAINING)
     save_steps: int | None = setting("bookkeeping", TRAINING)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import sys
@@ -15,6 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, Trai
 
 from pipeline import hub
 from pipeline.adapters import adapter_config
+from pipeline.compilation import compile_chosen, use_cache_under
 from pipeline.data import PackedBlocks, load_text_splits, prepare_lm_splits, prompt_reference_pairs
 from pipeline.forgetting import Forgetting, forgetting_blocks
 from pipeline.generation import evaluate_generation
@@ -155,7 +157,6 @@ def build_trainer(
         save_strategy="steps" if args.save_steps else "epoch",
         save_steps=args.save_steps,
         save_total_limit=None,  # CheckedTrainer rotates, once a new checkpoint is marked complete
-        torch_compile=args.compile,
         activation_checkpointing=args.activation_checkpointing,
         # Non-reentrant: gradients reach LoRA's adapters even though the frozen layers' inputs need none.
         activation_checkpointing_kwargs={"use_reentrant": False},
@@ -164,6 +165,9 @@ def build_trainer(
         deepspeed=args.deepspeed,
         include_num_input_tokens_seen="all",  # packed blocks hold no padding: all are real tokens
     )
+    compiled = compile_chosen(args.compile, model, planned_steps(training_args, len(data["train"])))
+    if compiled:
+        use_cache_under(args.cache_dir)
     return CheckedTrainer(
         model=model,
         args=training_args,
@@ -171,7 +175,16 @@ def build_trainer(
         eval_dataset=data["validation"],
         data_collator=default_data_collator,
         checkpoints_kept=args.save_total_limit,
+        compiled=compiled,
     )
+
+
+def planned_steps(training_args: TrainingArguments, blocks: int) -> int:
+    """Optimizer steps the run will take: --max_steps, else the epochs over `blocks` training blocks."""
+    if training_args.max_steps > 0:
+        return training_args.max_steps
+    per_step = training_args.train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size
+    return math.ceil(math.ceil(blocks / per_step) * training_args.num_train_epochs)
 
 
 def final_validation(trainer: Trainer, validation: PackedBlocks) -> dict[str, float]:
@@ -237,6 +250,7 @@ def run_record(
         "hub_unreachable_reason": hub.unreachable_reason,  # set when the run read the local cache instead
         "precision": resolve_precision(args.precision),
         "checkpoint_dtype": checkpoint_dtype,  # the weights are trained (and evaluated) in float32 whatever it is
+        "compiled": trainer.compiled,  # --compile as resolved (auto: compilation.compile_chosen)
         "world_size": trainer.args.world_size,
         "peak_memory_is_max_over_processes": trainer.args.world_size > 1,
         "gpus_per_process": trainer.args.n_gpu,

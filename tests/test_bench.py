@@ -46,3 +46,19 @@ def test_quick_benchmark_writes_every_figure(tiny_model_dir, data_dir, tmp_path)
     assert set(results["data_prep_s"]) == {"cold", "warm"}
     assert {"model_config", "dtype", "device", "threads"} <= results.keys()
     assert written.with_suffix(".md").read_text().count("|") > 20
+
+
+def test_device_check_dry_run_writes_one_json_of_every_figure(tiny_model_dir, data_dir, tmp_path):
+    out = tmp_path / "device.json"
+    argv = ["bench/device_check.sh", "--dry_run", "--model", str(tiny_model_dir), "--text", str(data_dir / "test.txt")]
+    done = subprocess.run([*argv, "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["dry_run"] is True and set(results["matmul_peak_flop_per_s"]) == {"bf16", "fp32"}
+    assert set(results["training"]) == {f"{m}_{p}" for m in ("full", "lora") for p in ("bf16", "fp32")}
+    for run in results["training"].values():
+        assert run["real_tokens_per_s"] > 0 and run["share_of_bf16_peak"] > 0 and run["peak_memory_mb"] > 0
+        assert run["compiled"] is False and run["compile_time_s"] == 0  # a dry run compiles nothing
+    versus = results["head_to_head"]
+    assert versus["tokens_per_s_ratio"] > 0 and versus["peak_memory_ratio"] > 0 and versus["generation_speedup"] > 0
+    assert versus["generation"]["identical_texts"] is True

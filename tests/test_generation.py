@@ -5,12 +5,18 @@ from __future__ import annotations
 import csv
 import json
 
+import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
 import main as cli
 from pipeline.data import prompt_reference_pairs
-from pipeline.generation import batch_by_budget_and_length, generate_continuations, token_budget
+from pipeline.generation import (
+    batch_by_budget_and_length,
+    generate_continuations,
+    generate_once_per_prompt,
+    token_budget,
+)
 from pipeline.modeling import load_tokenizer
 
 
@@ -49,6 +55,16 @@ def test_batched_generation_gives_the_same_hypotheses_as_one_at_a_time(trained_r
     alone, alone_tokens = generate_continuations(model, tokenizer, prompts, budgets, num_beams=3, batch_size=1)
     assert batched == alone and batched_tokens == alone_tokens > 0
     assert all(h and not h.startswith(p) for h, p in zip(batched, prompts, strict=True))
+
+    # Prompts encoded once into the beam cache: transformers' own beam search over its own cache, token for token
+    tokenizer.padding_side = "left"
+    inputs = tokenizer(prompts[:5], return_tensors="pt", padding=True)
+    assert not inputs["attention_mask"].all()  # left padding in play
+    search = {"no_repeat_ngram_size": 2, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+    with torch.no_grad():
+        ours = generate_once_per_prompt(model, inputs, 3, 16, **search)
+        library = model.generate(**inputs, num_beams=3, max_new_tokens=16, **search)
+    assert torch.equal(ours, library)
 
 
 def test_training_runs_score_their_generations(trained_runs):

@@ -59,6 +59,7 @@ def test_results_json_has_every_figure_with_sane_values(trained_runs):
         assert results["peak_cpu_memory_mb"] > 50
         assert results["train_tokens"] == 40 * 4 * 32  # steps x batch x block: every trained position is a token
         assert 0 < results["first_step_s"] < results["train_time_s"] and results["first_step_tokens"] == 4 * 32
+        assert results["compiled"] is False and results["compile_time_s"] == 0  # auto: a tiny model is not compiled
         steady = (results["train_tokens"] - 4 * 32) / (results["train_time_s"] - results["first_step_s"])
         assert math.isclose(results["train_tokens_per_s"], steady)  # the steps after the first
         assert math.isclose(results["test_perplexity"], math.exp(results["test_loss"]), rel_tol=1e-9)
