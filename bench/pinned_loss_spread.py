@@ -50,8 +50,11 @@ def kernel_sets() -> list[str]:
 
 def train_both(out: Path, variant: dict) -> None:
     """The child: the suite's two trained runs, as its fixture makes them, with `variant`'s change; losses to `out`."""
-    import conftest
+    threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
+    import conftest  # sets OMP_NUM_THREADS=1 for the suite: the variant's thread count is set again below
     import torch
+
+    torch.set_num_threads(threads)
 
     import main as cli
 
@@ -83,7 +86,8 @@ def train_both(out: Path, variant: dict) -> None:
         assert cli.main([method, *flags, "--learning_rate", rate, "--run_name", method]) == 0
         history = json.loads((work / "results" / method / "results.json").read_text())["log_history"]
         losses[method] = {e["step"]: e["loss"] for e in history if "loss" in e}
-    out.write_text(json.dumps({"losses": losses, "kernels": torch.backends.cpu.get_cpu_capability()}))
+    kernels = f"{torch.backends.cpu.get_cpu_capability()} kernels, {torch.get_num_threads()} threads"
+    out.write_text(json.dumps({"losses": losses, "kernels": kernels}))
 
 
 def run_variant(env: dict[str, str], variant: dict) -> dict:
@@ -119,7 +123,7 @@ def main() -> None:
     environments.append({"MKL_CBWR": "COMPATIBLE", "OMP_NUM_THREADS": "1"})  # MKL's other matmul code path
     for env in environments:
         got = run_variant(env, {})
-        name = ", ".join(f"{k}={v}" for k, v in env.items()) + f" ({got['kernels']} kernels)"
+        name = ", ".join(f"{k}={v}" for k, v in env.items()) + f" ({got['kernels']})"
         rows.append([name, *largest_relative_gaps(got["losses"], GOLDEN_LOSSES)])
     spread = max(max(gaps) for _, *gaps in rows)
     changed = []
