@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import rotate_checkpoints
+from transformers.trainer_utils import IntervalStrategy, rotate_checkpoints
 
 from pipeline.compilation import compile_body, eager
 from pipeline.lean_training import LeanTrainingMixin
@@ -101,11 +101,19 @@ class StopAtShare(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.step:
+            # the validation's data loader draws a seed: where the whole run would not validate at this step, the
+            # checkpoint gets the random state from before it, so a resumed run goes on as the whole run would have
+            if not (control.should_evaluate or self.validates_at_epoch_end(args, state)):
+                self._random_state = torch.random.get_rng_state()
+                self._cuda_random_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
             control.should_evaluate = control.should_save = control.should_training_stop = True
-            # the validation's data loader draws a seed: the checkpoint gets the random state of a run that did not
-            # validate here, so a resumed run goes on as the whole run would have
-            self._random_state = torch.random.get_rng_state()
-            self._cuda_random_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+    @staticmethod
+    def validates_at_epoch_end(args, state) -> bool:
+        """True when this step ends an epoch (the Trainer sets `epoch` to a whole number only at an epoch's last
+        step) and the run validates at each epoch's end."""
+        epoch_end = float(state.epoch).is_integer()
+        return args.eval_strategy == IntervalStrategy.EPOCH and epoch_end and args.eval_delay <= state.epoch
 
     def on_evaluate(self, args, state, control, **kwargs):
         if self._random_state is not None:

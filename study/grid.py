@@ -8,7 +8,9 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from pipeline.settings import stop_step
 from study.statistics import Arm, Run, Widening, choose_rates, rung_loss
+from utils import ToolError
 
 HALF_DECADE = 10**0.5
 
@@ -81,8 +83,20 @@ def grow(
 
 
 def past_rung(run: Run, share: float) -> bool:
-    """Done to the rung, or past it on its way to the end (a run interrupted after it, say)."""
-    return done(run, to_rung=True) or ("config" in run and rung_loss(run, share) is not None)
+    """Done to the rung, or past it on its way to the end (a run interrupted after it, say). A run stopped at another
+    rung, or finished with no validation at this one (a study run with another --halving), has no loss to rank here:
+    refused, never ranked on another step's loss."""
+    if rung_loss(run, share) is not None or (done(run) and run.get("status") != "finished"):  # or diverged
+        return True
+    if run.get("status") not in ("stopped_early", "finished"):
+        return False
+    stopped = run.get("stopped_early")
+    steps = stopped["max_steps"] if stopped else run.get("total_steps") or run.get("optimizer_steps")
+    found = f"stopped at step {stopped['step']}" if stopped else "has no validation loss at the rung step"
+    raise ToolError(
+        f"{run.get('run_dir')} {found}, not at this study's rung (--halving {1 / share:g}: step "
+        f"{stop_step(steps, share)} of {steps}): run the study with the --halving it was made with, or as a new study"
+    )
 
 
 def arm_of(found: dict[float, list[Run]], share: float | None) -> Arm:

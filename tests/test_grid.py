@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from study import statistics
 from study.grid import DIVERGED, done, grow, next_rate
+from utils import ToolError
 
 SEEDS = (1, 2)
 RUNG, STEPS = 2, 6  # --halving 3 of 6 steps
@@ -115,3 +118,15 @@ def test_an_added_rate_enters_at_the_rung_and_goes_on_only_if_it_is_among_the_be
     ]  # rung, the best on, the added rate at the rung, on
     assert grid.to_end == {1e-3, 3.16e-3} and grid.complete
     assert arm(ran, grid).notes == ["best at the highest rate: still at the edge after 1 widening (--widen 1)"]
+
+
+def test_a_study_rerun_with_another_halving_is_refused_never_ranked_on_the_old_rung():
+    rates = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3]
+    _, ran, _ = run_study(rates, bowl(1.2e-4), widen=0, halving=3)  # rung at step 2 of 6
+    stopped = ran[(1e-5, 1)]
+    assert statistics.rung_loss(stopped, 1 / 3) is not None and statistics.rung_loss(stopped, 1 / 2) is None
+    with pytest.raises(ToolError, match=r"^/x/1e-05 stopped at step 2, not at this study's rung \(--halving 2: step 3"):
+        grow(rates, lambda rate: [ran[(rate, s)] for s in SEEDS], 0, halving=2)
+    finished = {key: run for key, run in ran.items() if run["status"] == "finished"}  # validated at steps 2 and 6
+    with pytest.raises(ToolError, match="has no validation loss at the rung step, not at this study's rung"):
+        grow([1e-4, 3e-4], lambda rate: [finished[(rate, s)] for s in SEEDS], 0, halving=2)

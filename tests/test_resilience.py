@@ -49,7 +49,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_ends_with_the_uninterrupted_weigh
     common_flags, tmp_path, monkeypatch, capsys
 ):
     flags = [*common_flags, "--output_dir", str(tmp_path), "--max_steps", "12", "--learning_rate", "3e-3"]
-    flags += ["--eval_examples", "0", "--logging_steps", "2"]
+    flags += ["--eval_examples", "0", "--logging_steps", "2", "--data_fraction", "0.25"]  # epochs of 10 steps
     assert cli.main(["full", *flags, "--run_name", "straight"]) == 0
 
     build = training.build_trainer
@@ -103,6 +103,14 @@ def test_sigterm_saves_a_checkpoint_and_resume_ends_with_the_uninterrupted_weigh
     assert cli.main(["full", *flags, "--run_name", "rung", "--resume"]) == 0
     assert json.loads((tmp_path / "rung" / "results.json").read_text())["status"] == "finished"
     for name, value in weights(tmp_path / "rung").items():  # its validation at the rung changed nothing after it
+        torch.testing.assert_close(value, straight[name], rtol=0, atol=1e-6)
+
+    # a rung at an epoch's end, where the whole run validates too: the resumed run goes on from after that validation
+    assert [e["step"] for e in logged if "eval_loss" in e] == [10, 12]
+    assert cli.main(["full", *flags, "--run_name", "epoch-end", "--stop_at_share", str(10 / 12)]) == 0
+    assert json.loads((tmp_path / "epoch-end" / "results.json").read_text())["stopped_early"]["step"] == 10
+    assert cli.main(["full", *flags, "--run_name", "epoch-end", "--resume"]) == 0
+    for name, value in weights(tmp_path / "epoch-end").items():
         torch.testing.assert_close(value, straight[name], rtol=0, atol=1e-6)
 
 
