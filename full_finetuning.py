@@ -10,7 +10,7 @@ from pipeline.settings import RunSettings
 from pipeline.training import finetune
 
 
-def run(args: RunSettings) -> dict[str, Any]:
-    tokenizer = load_tokenizer(args.model)
-    model, checkpoint_dtype = load_causal_lm(args.model, from_scratch=args.from_scratch)
-    return after_training(finetune(args, "full", model, tokenizer, checkpoint_dtype))
+def run(settings: RunSettings) -> dict[str, Any]:
+    tokenizer = load_tokenizer(settings.model)
+    model, checkpoint_dtype = load_causal_lm(settings.model, from_scratch=settings.from_scratch)
+    return after_training(finetune(settings, "full", model, tokenizer, checkpoint_dtype))

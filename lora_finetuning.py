@@ -12,9 +12,9 @@ from pipeline.settings import RunSettings
 from pipeline.training import finetune
 
 
-def run(args: RunSettings) -> dict[str, Any]:
-    config = load_peft_config(args.peft_config) if args.command == "peft" else None  # a bad file fails first
-    tokenizer = load_tokenizer(args.model)
-    model, checkpoint_dtype = load_causal_lm(args.model, from_scratch=args.from_scratch)
-    model = add_peft_adapter(model, config, args.block_size) if config else add_lora_adapters(model, args)
-    return after_training(finetune(args, args.command, model, tokenizer, checkpoint_dtype))
+def run(settings: RunSettings) -> dict[str, Any]:
+    config = load_peft_config(settings.peft_config) if settings.command == "peft" else None  # a bad file fails first
+    tokenizer = load_tokenizer(settings.model)
+    model, checkpoint_dtype = load_causal_lm(settings.model, from_scratch=settings.from_scratch)
+    model = add_peft_adapter(model, config, settings.block_size) if config else add_lora_adapters(model, settings)
+    return after_training(finetune(settings, settings.command, model, tokenizer, checkpoint_dtype))

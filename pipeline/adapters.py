@@ -22,15 +22,15 @@ NOT_TRAINABLE_HERE = {
 }
 
 
-def add_lora_adapters(model: PreTrainedModel, args: RunSettings) -> PeftModel:
+def add_lora_adapters(model: PreTrainedModel, settings: RunSettings) -> PeftModel:
     config = LoraConfig(
         task_type="CAUSAL_LM",
-        r=args.lora_rank,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        target_modules=args.lora_target_modules,
-        use_dora=args.use_dora,
-        use_rslora=args.use_rslora,
+        r=settings.lora_rank,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=settings.lora_target_modules,
+        use_dora=settings.use_dora,
+        use_rslora=settings.use_rslora,
         fan_in_fan_out=model.config.model_type == "gpt2",  # GPT-2 stores its projections as Conv1D (in, out)
     )
     return get_peft_model(model, config)

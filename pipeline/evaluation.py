@@ -15,25 +15,25 @@ from pipeline.training import claim_run, evaluate_and_save_results, evaluation_t
 from utils import ToolError, one_line
 
 
-def run(args: RunSettings) -> dict[str, Any]:
-    mode = "adapter" if args.adapter else "saved" if is_saved_run_model(args.model) else "base"
-    tokenizer = load_tokenizer(args.model)
-    model, checkpoint_dtype = load_causal_lm(args.model, from_scratch=args.from_scratch)
-    if args.adapter:
+def run(settings: RunSettings) -> dict[str, Any]:
+    mode = "adapter" if settings.adapter else "saved" if is_saved_run_model(settings.model) else "base"
+    tokenizer = load_tokenizer(settings.model)
+    model, checkpoint_dtype = load_causal_lm(settings.model, from_scratch=settings.from_scratch)
+    if settings.adapter:
         try:
-            model = PeftModel.from_pretrained(model, args.adapter)
+            model = PeftModel.from_pretrained(model, settings.adapter)
         except Exception as e:  # peft raises ValueError/OSError/HF errors for a missing or foreign adapter
-            raise ToolError(f"could not load PEFT adapter '{args.adapter}' ({one_line(e)})") from e
-    with claim_run(args, mode) as run:  # an unfinished evaluation resumed with --resume simply starts over
-        args.run_name = run.path.name
-        splits, data, forgetting = load_packed_splits(args, tokenizer)
-        trainer = evaluation_trainer(args, model, run.path)
+            raise ToolError(f"could not load PEFT adapter '{settings.adapter}' ({one_line(e)})") from e
+    with claim_run(settings, mode) as run:  # an unfinished evaluation resumed with --resume simply starts over
+        settings.run_name = run.path.name
+        splits, data, forgetting = load_packed_splits(settings, tokenizer)
+        trainer = evaluation_trainer(settings, model, run.path)
         trainer.forgetting = forgetting.blocks
-        results = run_record(args, mode, run, model, trainer, checkpoint_dtype, forgetting)
+        results = run_record(settings, mode, run, model, trainer, checkpoint_dtype, forgetting)
         if trainer.is_world_process_zero():
             write_results(run.path, results)
         with MachineLoad(trainer.is_world_process_zero()) as load:
-            return evaluate_and_save_results(args, results, trainer, tokenizer, splits, data, load)
+            return evaluate_and_save_results(settings, results, trainer, tokenizer, splits, data, load)
 
 
 def is_saved_run_model(model: str) -> bool:

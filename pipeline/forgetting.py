@@ -29,44 +29,46 @@ class Forgetting:
     unavailable_reason: str | None = None
 
 
-def forgetting_texts(args: RunSettings) -> list[str]:
+def forgetting_texts(settings: RunSettings) -> list[str]:
     """The rows of the general-English corpus, in order: --forgetting_data_dir's files, else the Hub dataset's
     train split. A local directory that cannot be read is the user's to fix (ToolError); a Hub dataset that cannot
     be loaded raises what the libraries raised."""
-    if args.forgetting_data_dir:
-        root = Path(args.forgetting_data_dir)
+    if settings.forgetting_data_dir:
+        root = Path(settings.forgetting_data_dir)
         if not root.is_dir():
             raise ToolError(f"--forgetting_data_dir {root} is not a directory")
         files = sorted(p for p in root.iterdir() if p.suffix in LOCAL_SUFFIXES and p.is_file())
         if not files:
             raise ToolError(f"--forgetting_data_dir {root} holds no .txt or .parquet file")
         return [text for path in files for text in load_text_file(path)["text"]]
-    name, revision = split_revision(args.forgetting_dataset)
+    name, revision = split_revision(settings.forgetting_dataset)
     loaded = load_dataset(name, revision=revision, split=SPLIT)
     if "text" not in loaded.column_names:
         raise ValueError(f"its {SPLIT} split has no 'text' column")
     return loaded["text"]
 
 
-def forgetting_blocks(args: RunSettings, tokenizer: PreTrainedTokenizerBase) -> Forgetting:
+def forgetting_blocks(settings: RunSettings, tokenizer: PreTrainedTokenizerBase) -> Forgetting:
     """The first --forgetting_tokens tokens of the corpus in --block_size blocks (cached as WikiText's are), or
     why forgetting is not measured."""
-    if not (args.forgetting_data_dir or args.forgetting_dataset):
+    if not (settings.forgetting_data_dir or settings.forgetting_dataset):
         return Forgetting()
-    if args.from_scratch:
+    if settings.from_scratch:
         return Forgetting(unavailable_reason=FROM_SCRATCH)
     try:
-        texts = forgetting_texts(args)
+        texts = forgetting_texts(settings)
     except ToolError:
         raise
     except Exception as e:  # the Hub raises many types (ConnectionError, OSError, ValueError, ...)
-        name = split_revision(args.forgetting_dataset)[0]
+        name = split_revision(settings.forgetting_dataset)[0]
         return Forgetting(unavailable_reason=str(load_error("dataset", name, e, OFFLINE_HINT)))
     key = tokenizer_fingerprint(tokenizer)
-    blocks = packed_blocks_cached(texts, tokenizer, args.block_size, args.cache_dir, key, args.forgetting_tokens)
+    blocks = packed_blocks_cached(
+        texts, tokenizer, settings.block_size, settings.cache_dir, key, settings.forgetting_tokens
+    )
     if len(blocks) == 0:
         raise ToolError(
-            f"the forgetting text holds no full block of {args.block_size} tokens within --forgetting_tokens "
-            f"{args.forgetting_tokens}; raise --forgetting_tokens or give more text"
+            f"the forgetting text holds no full block of {settings.block_size} tokens within --forgetting_tokens "
+            f"{settings.forgetting_tokens}; raise --forgetting_tokens or give more text"
         )
     return Forgetting(blocks=PackedBlocks(blocks))

@@ -79,11 +79,11 @@ def split_revision(source: str) -> tuple[str, str | None]:
     return name, revision or None
 
 
-def forgetting_hub_id(args: RunSettings) -> str | None:
+def forgetting_hub_id(settings: RunSettings) -> str | None:
     """The Hub dataset the run measures forgetting on; None when it is off, local or not measured."""
-    if args.from_scratch or args.forgetting_data_dir or not args.forgetting_dataset:
+    if settings.from_scratch or settings.forgetting_data_dir or not settings.forgetting_dataset:
         return None
-    return split_revision(args.forgetting_dataset)[0]
+    return split_revision(settings.forgetting_dataset)[0]
 
 
 def model_revision(name: str) -> str | None:
@@ -114,23 +114,23 @@ def read_cache_only() -> None:
     datasets.config.HF_HUB_OFFLINE = True
 
 
-def resolve_sources(args: RunSettings) -> None:
+def resolve_sources(settings: RunSettings) -> None:
     """Map legacy ids in place; when a source is on the Hub and the Hub does not answer, use the local cache only.
 
     Nothing is checked when HF_HUB_OFFLINE is set or every source is a local path.
     """
-    args.model = hub_id("model", args.model)
-    sources = [args.model]
-    if args.data_dir is None:
-        args.dataset = hub_id("dataset", args.dataset)
-        sources.append(args.dataset)
-    forgetting = forgetting_hub_id(args)
+    settings.model = hub_id("model", settings.model)
+    sources = [settings.model]
+    if settings.data_dir is None:
+        settings.dataset = hub_id("dataset", settings.dataset)
+        sources.append(settings.dataset)
+    forgetting = forgetting_hub_id(settings)
     if forgetting:
         sources.append(forgetting)
     if cache_only(sources):
-        args.model = cached_id("model", args.model)
-        if args.data_dir is None:
-            args.dataset = cached_id("dataset", args.dataset)
+        settings.model = cached_id("model", settings.model)
+        if settings.data_dir is None:
+            settings.dataset = cached_id("dataset", settings.dataset)
 
 
 def resolve_model(model: str) -> str:

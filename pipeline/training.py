@@ -39,11 +39,11 @@ from utils import (
 PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def check_runnable(args: RunSettings) -> None:
+def check_runnable(settings: RunSettings) -> None:
     """What this machine and launch cannot run as asked, as a ToolError before anything is claimed or prepared."""
-    resolve_precision(args.precision)
+    resolve_precision(settings.precision)
     processes = int(os.environ.get("WORLD_SIZE", "1")) * max(1, torch.cuda.device_count())
-    if args.eval_stride and args.eval_stride < args.block_size and processes > 1:
+    if settings.eval_stride and settings.eval_stride < settings.block_size and processes > 1:
         # The Trainer rescales each process's evaluation loss by tokens counted over all of them, and pads the last
         # batch with repeated windows: exact for equal blocks, not for windows that score different counts.
         raise ToolError("--eval_stride below --block_size is exact on one process and one GPU only; run it so")
@@ -75,14 +75,14 @@ def cpu_only() -> bool:
     return not torch.cuda.is_available() and not torch.backends.mps.is_available()
 
 
-def claim_run(args: RunSettings, mode: str) -> RunDirectory:
+def claim_run(settings: RunSettings, mode: str) -> RunDirectory:
     """Open the run (a new directory or an unfinished one to continue) on the main process; the others learn
     its directory, checkpoint and figures from it, and every process raises the same error if it fails."""
     state = process_state()
     run, shared = None, [None]
     if state.is_main_process:
         try:
-            run = open_run(Path(args.output_dir), args.run_name, args.resume, mode)
+            run = open_run(Path(settings.output_dir), settings.run_name, settings.resume, mode)
             shared = [(run.path, run.checkpoint, run.figures)]
         except ToolError as e:
             shared = [str(e)]
@@ -120,61 +120,61 @@ def save_model(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, target: Pat
     return sum(f.stat().st_size for f in target.glob("*.safetensors")) / MIB
 
 
-def training_arguments(args: RunSettings, run_dir: Path, **training: Any) -> TrainingArguments:
+def training_arguments(settings: RunSettings, run_dir: Path, **training: Any) -> TrainingArguments:
     """The Trainer's arguments for this run: evaluation and precision as every run shares them, plus `training`."""
-    precision = resolve_precision(args.precision)
+    precision = resolve_precision(settings.precision)
     return TrainingArguments(
         output_dir=str(run_dir / "checkpoints"),
-        per_device_eval_batch_size=args.batch_size,
-        seed=args.seed,
+        per_device_eval_batch_size=settings.batch_size,
+        seed=settings.seed,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=cpu_only(),
-        report_to=args.report_to or "none",  # evaluate has no tracker flag
-        run_name=args.run_name,
+        report_to=settings.report_to or "none",  # evaluate has no tracker flag
+        run_name=settings.run_name,
         logging_nan_inf_filter=False,  # a non-finite loss must show, not be dropped from a mean
         **training,
     )
 
 
 def build_trainer(
-    args: RunSettings, model: PreTrainedModel, data: dict[str, PackedBlocks], run_dir: Path
+    settings: RunSettings, model: PreTrainedModel, data: dict[str, PackedBlocks], run_dir: Path
 ) -> CheckedTrainer:
     training_args = training_arguments(
-        args,
+        settings,
         run_dir,
-        per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        num_train_epochs=args.epochs,
-        max_steps=args.max_steps or -1,
-        learning_rate=args.learning_rate,
-        weight_decay=args.weight_decay,
-        lr_scheduler_type=args.lr_scheduler_type,
-        warmup_steps=args.warmup_steps,
-        eval_strategy="steps" if args.eval_steps else "epoch",
-        eval_steps=args.eval_steps,
-        logging_steps=args.logging_steps,
-        save_strategy="steps" if args.save_steps else "epoch",
-        save_steps=args.save_steps,
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps or -1,
+        learning_rate=settings.learning_rate,
+        weight_decay=settings.weight_decay,
+        lr_scheduler_type=settings.lr_scheduler_type,
+        warmup_steps=settings.warmup_steps,
+        eval_strategy="steps" if settings.eval_steps else "epoch",
+        eval_steps=settings.eval_steps,
+        logging_steps=settings.logging_steps,
+        save_strategy="steps" if settings.save_steps else "epoch",
+        save_steps=settings.save_steps,
         save_total_limit=None,  # CheckedTrainer rotates, once a new checkpoint is marked complete
-        activation_checkpointing=args.activation_checkpointing,
+        activation_checkpointing=settings.activation_checkpointing,
         # Non-reentrant: gradients reach LoRA's adapters even though the frozen layers' inputs need none.
         activation_checkpointing_kwargs={"use_reentrant": False},
-        fsdp=args.fsdp or None,
-        fsdp_config=args.fsdp_config,
-        deepspeed=args.deepspeed,
+        fsdp=settings.fsdp or None,
+        fsdp_config=settings.fsdp_config,
+        deepspeed=settings.deepspeed,
         include_num_input_tokens_seen="all",  # packed blocks hold no padding: all are real tokens
     )
-    compiled = compile_chosen(args.compile, model, planned_steps(training_args, len(data["train"])))
+    compiled = compile_chosen(settings.compile, model, planned_steps(training_args, len(data["train"])))
     if compiled:
-        use_cache_under(args.cache_dir)
+        use_cache_under(settings.cache_dir)
     return CheckedTrainer(
         model=model,
         args=training_args,
         train_dataset=data["train"],
         eval_dataset=data["validation"],
         data_collator=default_data_collator,
-        checkpoints_kept=args.save_total_limit,
+        checkpoints_kept=settings.save_total_limit,
         compiled=compiled,
     )
 
@@ -196,32 +196,32 @@ def final_validation(trainer: Trainer, validation: PackedBlocks) -> dict[str, fl
     return trainer.evaluate(validation)
 
 
-def evaluation_trainer(args: RunSettings, model: PreTrainedModel, run_dir: Path) -> CheckedTrainer:
+def evaluation_trainer(settings: RunSettings, model: PreTrainedModel, run_dir: Path) -> CheckedTrainer:
     """A Trainer that only evaluates, for models this tool did not train: at the precision training runs use."""
-    return CheckedTrainer(model=model, args=training_arguments(args, run_dir), data_collator=default_data_collator)
+    return CheckedTrainer(model=model, args=training_arguments(settings, run_dir), data_collator=default_data_collator)
 
 
-def load_packed_splits(args: RunSettings, tokenizer: PreTrainedTokenizerBase) -> tuple[dict, dict, Forgetting]:
+def load_packed_splits(settings: RunSettings, tokenizer: PreTrainedTokenizerBase) -> tuple[dict, dict, Forgetting]:
     """The text splits, each packed into blocks (from the cache when it has them), and the forgetting blocks."""
-    splits = load_text_splits(args.dataset, args.dataset_config, args.data_dir)
+    splits = load_text_splits(settings.dataset, settings.dataset_config, settings.data_dir)
     data = prepare_lm_splits(
         splits,
         tokenizer,
-        args.block_size,
-        args.data_fraction,
-        args.seed,
-        args.eval_seed,
-        args.cache_dir,
-        args.eval_stride,
+        settings.block_size,
+        settings.data_fraction,
+        settings.seed,
+        settings.eval_seed,
+        settings.cache_dir,
+        settings.eval_stride,
     )
-    forgetting = forgetting_blocks(args, tokenizer)
+    forgetting = forgetting_blocks(settings, tokenizer)
     if forgetting.unavailable_reason and process_state().is_main_process:
         print(f"note: forgetting not measured: {forgetting.unavailable_reason}", file=sys.stderr)
     return splits, data, forgetting
 
 
 def run_record(
-    args: RunSettings,
+    settings: RunSettings,
     mode: str,
     run: RunDirectory,
     model: PreTrainedModel,
@@ -231,7 +231,7 @@ def run_record(
 ) -> dict[str, Any]:
     """The fields of results.json every run has, before anything is measured."""
     trainable, total = count_parameters(model)
-    config, paths_as_typed = args.recorded_config()
+    config, paths_as_typed = settings.recorded_config()
     adapter = adapter_config(model)
     return {
         "status": "running",
@@ -248,7 +248,7 @@ def run_record(
         "paths_as_typed": paths_as_typed,
         "environment": environment_info(),
         "hub_unreachable_reason": hub.unreachable_reason,  # set when the run read the local cache instead
-        "precision": resolve_precision(args.precision),
+        "precision": resolve_precision(settings.precision),
         "checkpoint_dtype": checkpoint_dtype,  # the weights are trained (and evaluated) in float32 whatever it is
         "compiled": trainer.compiled,  # --compile as resolved (auto: compilation.compile_chosen)
         "world_size": trainer.args.world_size,
@@ -276,7 +276,7 @@ def model_revision(run: RunDirectory, model: str) -> str | None:
 
 
 def evaluate_and_save_results(
-    args: RunSettings,
+    settings: RunSettings,
     results: dict[str, Any],
     trainer: CheckedTrainer,
     tokenizer: PreTrainedTokenizerBase,
@@ -306,7 +306,7 @@ def evaluate_and_save_results(
     )
     if not trainer.is_world_process_zero():
         return results
-    pairs = prompt_reference_pairs(splits["test"], args.eval_examples)
+    pairs = prompt_reference_pairs(splits["test"], settings.eval_examples)
     if pairs:
         # Without the autocast wrapper accelerate put on the forward: it would hold for full and base but not for
         # the forward PEFT's generate calls, and in bf16 batched and one-at-a-time beams part ways. Every arm
@@ -317,9 +317,9 @@ def evaluate_and_save_results(
             model,
             tokenizer,
             pairs,
-            num_beams=args.num_beams,
-            batch_size=args.eval_batch_size,
-            tokens_per_word=args.tokens_per_word,
+            num_beams=settings.num_beams,
+            batch_size=settings.eval_batch_size,
+            tokens_per_word=settings.tokens_per_word,
             csv_path=run_dir / "generations.csv",
         )
         results.update(generation_figures)
@@ -354,7 +354,7 @@ def figures_so_far(
 
 
 def finetune(
-    args: RunSettings,
+    settings: RunSettings,
     mode: str,
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -362,9 +362,9 @@ def finetune(
 ) -> dict[str, Any]:
     """Train `model` (loaded from a checkpoint of `checkpoint_dtype`) on the packed splits, measure the run,
     evaluate it, save it; return results.json's content."""
-    with claim_run(args, mode) as run:
+    with claim_run(settings, mode) as run:
         try:
-            return train_evaluate_save(args, mode, model, tokenizer, checkpoint_dtype, run)
+            return train_evaluate_save(settings, mode, model, tokenizer, checkpoint_dtype, run)
         except RunInterrupted:
             raise
         except Exception as e:
@@ -374,7 +374,7 @@ def finetune(
 
 
 def train_evaluate_save(
-    args: RunSettings,
+    settings: RunSettings,
     mode: str,
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -383,18 +383,18 @@ def train_evaluate_save(
 ) -> dict[str, Any]:
     """finetune() inside the run directory it holds."""
     state = process_state()
-    args.run_name = run.path.name
+    settings.run_name = run.path.name
     with state.main_process_first():  # one process prepares the data; the others read its cache
-        splits, data, forgetting = load_packed_splits(args, tokenizer)
-    trainer = build_trainer(args, model, data, run.path)
+        splits, data, forgetting = load_packed_splits(settings, tokenizer)
+    trainer = build_trainer(settings, model, data, run.path)
     trainer.forgetting = forgetting.blocks
     trainer.clock.start_from(run.figures)
     stop = StopOnSignal()
     trainer.add_callback(stop)
-    rung = StopAtShare(args.stop_at_share) if args.stop_at_share else None
+    rung = StopAtShare(settings.stop_at_share) if settings.stop_at_share else None
     if rung:
         trainer.add_callback(rung)
-    results = run_record(args, mode, run, model, trainer, checkpoint_dtype, forgetting)
+    results = run_record(settings, mode, run, model, trainer, checkpoint_dtype, forgetting)
     main = trainer.is_world_process_zero()
 
     with MachineLoad(main, run.figures.get("machine_load")) as load:
@@ -414,8 +414,9 @@ def train_evaluate_save(
                 trainer.train_from(run.checkpoint)
             except torch.OutOfMemoryError as e:
                 raise ToolError(
-                    f"out of GPU memory at --batch_size {args.batch_size} (blocks of {args.block_size} tokens); "
-                    "use a smaller --batch_size with more --gradient_accumulation_steps, or a smaller --block_size"
+                    f"out of GPU memory at --batch_size {settings.batch_size} (blocks of {settings.block_size} "
+                    "tokens); use a smaller --batch_size with more --gradient_accumulation_steps, or a smaller "
+                    "--block_size"
                 ) from e
             results.update(figures_so_far(trainer, memory, load, run.figures))
 
@@ -424,7 +425,7 @@ def train_evaluate_save(
         if rung and rung.stopped(trainer.state):
             return stopped_early(trainer, results, rung)
         results["model_size_mb"] = save_model(trainer, tokenizer, run.path / ("model" if mode == "full" else "adapter"))
-        return evaluate_and_save_results(args, results, trainer, tokenizer, splits, data, load)
+        return evaluate_and_save_results(settings, results, trainer, tokenizer, splits, data, load)
 
 
 def stopped_early(trainer: Trainer, results: dict[str, Any], rung: StopAtShare) -> dict[str, Any]:
