@@ -121,17 +121,18 @@ def generate_once_per_prompt(
     `BeamLayer` cache that generate then continues; the same search and the same tokens as generate alone."""
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     length = ids.shape[1]
+    if length == 1:  # nothing to encode ahead: generate's own first step expands the one token to the beams
+        return model.generate(**inputs, num_beams=num_beams, max_new_tokens=max_new_tokens, **generation)
     cache = Cache(layers=[BeamLayer(num_beams, length + max_new_tokens) for _ in range(model.config.num_hidden_layers)])
-    if length > 1:
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # as generate numbers left-padded prompts
-        model(
-            input_ids=ids[:, :-1],
-            attention_mask=mask[:, :-1],
-            position_ids=positions[:, :-1],
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # as generate numbers left-padded prompts
+    model(
+        input_ids=ids[:, :-1],
+        attention_mask=mask[:, :-1],
+        position_ids=positions[:, :-1],
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     return model.generate(**inputs, cache=cache, num_beams=num_beams, max_new_tokens=max_new_tokens, **generation)
 
 

@@ -328,6 +328,16 @@ def device_hours(run: Run) -> tuple[float, str]:
     return seconds / 3600 * processes * (environment.get("cpu_threads") or 1), "CPU-core-hours"
 
 
+def device_hours_to_the_end(run: Run) -> float:
+    """A stopped run's device-hours had it trained to the end: the part after its first step scaled by its whole
+    run's steps over the steps it ran; the first step (start-up, compiling) paid once."""
+    hours = device_hours(run)[0]
+    seconds = (run.get("train_time_s") or 0) + (run.get("generation_time_s") or 0)
+    once = hours * (run.get("first_step_s") or 0) / seconds if seconds else 0
+    stopped = run["stopped_early"]
+    return once + (hours - once) * stopped["max_steps"] / stopped["step"]
+
+
 def study_cost(runs: list[Run], arms: list[Arm]) -> dict[str, Any]:
     """Runs, total training and generation seconds, device-hours, and what the sweep and the seeds multiplied the
     device-hours by: all runs over the chosen rates' runs (every seed), and those over the chosen rates' runs of
@@ -343,8 +353,7 @@ def study_cost(runs: list[Run], arms: list[Arm]) -> dict[str, Any]:
     first = [a.chosen.runs[0] for a in arms if a.chosen]
     first_hours = sum(device_hours(r)[0] for r in first)
     stopped = [r for r in runs if r.get("status") == "stopped_early"]
-    # a stopped run trained to the end: its device-hours scaled by its whole run's steps over the steps it ran
-    to_the_end = sum(device_hours(r)[0] * r["stopped_early"]["max_steps"] / r["stopped_early"]["step"] for r in stopped)
+    to_the_end = sum(device_hours_to_the_end(r) for r in stopped)
     without_halving = total - sum(device_hours(r)[0] for r in stopped) + to_the_end if total is not None else None
     return {
         "stopped_early_runs": len(stopped),

@@ -106,6 +106,10 @@ def test_halving_trains_every_rate_to_the_rung_and_only_the_best_third_to_the_en
     cost = statistics.study_cost(list(ran.values()), [found])
     assert cost["device_hours"] == (4 * 360 + 6 * 120) / 3600
     assert cost["device_hours_without_halving"] == 10 * 360 / 3600 and cost["stopped_early_runs"] == 6
+    for run in ran.values():  # a first step of 30 s (start-up) is paid once, not once per share of the steps
+        run["first_step_s"] = 30.0
+    cost = statistics.study_cost(list(ran.values()), [found])
+    assert cost["device_hours_without_halving"] == pytest.approx((4 * 360 + 6 * (30 + 90 * 3)) / 3600)
 
 
 def test_an_added_rate_enters_at_the_rung_and_goes_on_only_if_it_is_among_the_best_there():
