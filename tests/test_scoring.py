@@ -245,6 +245,22 @@ def test_meteor_matches_an_independent_computation_with_wordnet(punkt_tab):
     assert synonyms > score([("a xq dog", "a quick dog")])["meteor"]  # WordNet synonyms count
 
 
+@needs_wordnet
+def test_meteor_finds_the_synonyms_nltks_own_wordnet_finds(punkt_tab):
+    from nltk.corpus import wordnet
+    from nltk.translate.meteor_score import single_meteor_score
+
+    for hypothesis, reference in [
+        ("the big car was fast", "a large automobile was quick"),
+        ("a fast dog", "a quick dog"),
+    ]:
+        ours = score([(hypothesis, reference)])["meteor"]
+        nltks = single_meteor_score(
+            reference.split(), hypothesis.split(), wordnet=wordnet, alpha=0.9, beta=3, gamma=0.5
+        )
+        assert 0 < ours == nltks
+
+
 # Hypotheses with ordinary punctuation, as GPT-2 writes; references spaced, as WikiText is; and the hypotheses as
 # evaluate's tokenization sees them (punkt splits the sentences, so each sentence's final period is a word).
 ORDINARY_PUNCTUATION = [
