@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/run.py's helpe
 
 import head_to_head  # noqa: E402
 import torch  # noqa: E402
-from run import ROOT, SHARED, matmul_peak_flops, train_measurement  # noqa: E402
+from run import ROOT, SHARED, matmul_peak_flops, measurement_processes, train_measurement  # noqa: E402
 
 from utils import atomic_write_json, environment_info, timestamp  # noqa: E402
 
@@ -49,8 +48,7 @@ def main() -> None:
     width = 128 if args.dry_run else 768
     peaks = {p: matmul_peak_flops(width, 4 * bench_args["block_size"], DTYPES[p], device) for p in PRECISIONS}
     compile_flags = ("--compile", "off" if args.dry_run else "on")  # compiling even a toy model takes minutes on a CPU
-    processes = multiprocessing.get_context("forkserver")
-    processes.set_forkserver_preload(["run"])
+    processes = measurement_processes()
     training = {}
     for precision in PRECISIONS:
         for mode in ("full", "lora"):

@@ -13,7 +13,6 @@ in a study's later arms. Generation: batched against one at a time, interleaved 
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from run import (  # noqa: E402
     SHARED,
     build_model,
     load_rows,
+    measurement_processes,
     model_config,
     recipe_flags,
     train_measurement,
@@ -66,8 +66,7 @@ def training_rounds(args: argparse.Namespace) -> list[dict]:
     # The tool's flags for a run of AUTO_MIN_STEPS steps or more: what `--compile auto` resolves to there.
     compiled = compile_chosen("auto", build_model(args, lora=False), AUTO_MIN_STEPS)
     ours_flags = ("--compile", "on" if compiled else "off")
-    processes = multiprocessing.get_context("forkserver")
-    processes.set_forkserver_preload(["run"])
+    processes = measurement_processes()
     rounds = []
     with tempfile.TemporaryDirectory() as inductor_cache:
         for r in range(args.rounds):
