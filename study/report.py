@@ -593,8 +593,10 @@ def interval_text(d: statistics.Difference) -> str:
 
 
 def unsettled(arm: statistics.Arm) -> list[str]:
-    """Why an arm's figures may not be its settled answer: its best rate at an edge of its grid, or one seed."""
+    """Why an arm's figures may not be its settled answer: its best rate not bracketed (at an edge of its grid, or
+    its one rate, not tuned), or one seed."""
     reasons = [f"{arm.name}'s best rate is at the edge of its grid"] if arm.at_edge else []
+    reasons += [f"{arm.name} ran one rate, not tuned"] if arm.one_rate else []
     return reasons + ([f"{arm.name} ran one seed"] if arm.chosen and len(arm.chosen.runs) < 2 else [])
 
 
@@ -725,6 +727,7 @@ def study_record(arms: list[statistics.Arm], runs: list[Run], share: float | Non
                 "chosen_learning_rate": a.chosen.rate if a.chosen else None,
                 "failed": a.failed,
                 "at_edge_of_grid": a.at_edge,
+                "one_rate": a.one_rate,
                 "bracketed_by": [r.rate for r in a.bracket] if a.bracket else None,
                 "unsettled": unsettled(a),
                 "notes": a.notes,

@@ -80,7 +80,8 @@ def test_the_report_opens_with_a_verdict_whose_numbers_are_those_of_its_tables(s
     for arm in ("lora-r2", "lora-r4", "ia3"):
         (row,) = [r for r in report.splitlines() if r.startswith(f"| {arm} ") and "| full " in r and "perplexity" in r]
         (line,) = [v for v in verdict.splitlines() if f"**{arm}**" in v]
-        assert line.startswith(f"- **Unsettled** ({arm} ran one seed; full ran one seed): **{arm}** against full")
+        why = f"{arm} ran one rate, not tuned; {arm} ran one seed; full ran one rate, not tuned; full ran one seed"
+        assert line.startswith(f"- **Unsettled** ({why}): **{arm}** against full")  # no sweep: nothing bracketed
         assert f"test perplexity {row.split('|')[4].strip()} (n=1, no interval" in line
         params = results(study["dir"] / arm)["trainable_params"] / full["trainable_params"]
         assert f"{params:#.3g}x the trainable parameters" in line and "x the peak memory" in line
