@@ -253,8 +253,9 @@ NOT_CHECKED = ("eval_examples",)
 
 
 def changed_settings(config: dict, expected: RunSettings) -> list[str]:
-    """The settings (bookkeeping aside) whose recorded value differs from what this study would run with."""
-    return [
+    """The settings (bookkeeping aside) whose recorded value differs from what this study would run with. A run of
+    a fraction recorded before --eval_seed drew its validation and test rows with its --seed: not this study's."""
+    changed = [
         f"--{key} {config.get(key)} -> {value}"
         for key, value in expected.to_config().items()
         if key in config
@@ -262,6 +263,9 @@ def changed_settings(config: dict, expected: RunSettings) -> list[str]:
         and not (key in NOT_CHECKED and expected.eval_examples == 0)
         and json.dumps(canonical(key, config[key])) != json.dumps(canonical(key, value))
     ]
+    if config.get("data_fraction", 1) < 1 and "eval_seed" not in config:
+        changed.append(f"--eval_seed unrecorded: rows drawn with --seed {config.get('seed')} -> {expected.eval_seed}")
+    return changed
 
 
 # Reading a PEFT config as PEFT does needs peft, and so torch, which the study never imports: a process of its own.

@@ -227,3 +227,19 @@ def test_a_trained_arm_of_one_rate_is_not_bracketed_and_its_verdict_unsettled_wh
     assert line.startswith("- **Unsettled** (full ran one rate, not tuned): **lora-r8** against full fine-tuning")
     record = {a["arm"]: a for a in study_record(arms, runs)["arms"]}
     assert record["full"]["unsettled"] == ["full ran one rate, not tuned"] and record["lora-r8"]["unsettled"] == []
+
+
+def test_the_note_on_evaluation_rows_claims_the_same_rows_only_where_every_run_recorded_one_eval_seed():
+    from study.report import evaluation_rows_note
+
+    def run(seed: int, **config) -> dict:
+        return planted("full", 1e-5, seed, 2.5, 2.6) | {"config": {"seed": seed, **config}}
+
+    whole = evaluation_rows_note([run(1), run(2, data_fraction=1.0)])  # every row: the seeds cannot differ
+    assert "scored on the whole validation and test splits" in whole
+    drawn = evaluation_rows_note([run(s, data_fraction=0.5, eval_seed=0) for s in (1, 2)])
+    assert "scored on the same validation and test rows (--eval_seed 0), so the intervals measure training" in drawn
+    # one run recorded before --eval_seed drew its rows with its own --seed: no sameness claimed, no None
+    old = evaluation_rows_note([run(1, data_fraction=0.5, eval_seed=0), run(2, data_fraction=0.5)])
+    assert "same validation and test rows" not in old and "None" not in old
+    assert "here also the validation and test rows" in old and "also hold the sampling of those rows" in old
