@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 from pipeline.settings import stop_step
 from study.statistics import Arm, Run, Widening, choose_rates, rung_loss
@@ -27,12 +28,25 @@ def done(results: Run, to_rung: bool = False) -> bool:
     )
 
 
+def sweep(centre: float, n: int) -> list[float]:
+    """--lr_sweep's n rates, half a decade apart centred on `centre`, to 3 significant digits as run names hold
+    them."""
+    return [float(f"{centre * HALF_DECADE ** (i - (n - 1) / 2):.3g}") for i in range(n)]
+
+
 def next_rate(initial: list[float], side: str, k: int) -> float:
     """The k-th rate added outward on `side` ("below" or "above") of the ascending grid the study was given, at
     that grid's own spacing (the mean ratio of neighbours; half a decade for one rate), to 3 significant digits as
     run names hold it."""
     step = (initial[-1] / initial[0]) ** (1 / (len(initial) - 1)) if len(initial) > 1 else HALF_DECADE
     return float(f"{initial[0] / step**k if side == 'below' else initial[-1] * step**k:.3g}")
+
+
+def next_sweep_rate(centre: float, n: int, side: str, k: int) -> float:
+    """The k-th rate added outward on `side` of sweep(centre, n): the end on that side of the sweep k rates wider
+    each way, so on the sweep's own lattice and rounded as it rounds (not from its rounded rates)."""
+    wider = sweep(centre, n + 2 * k)
+    return wider[0] if side == "below" else wider[-1]
 
 
 @dataclass
@@ -48,15 +62,20 @@ class ArmGrid:
 
 
 def grow(
-    initial: list[float], records: Callable[[float], list[Run]], widen: int, halving: int | None = None
+    initial: list[float],
+    records: Callable[[float], list[Run]],
+    widen: int,
+    halving: int | None = None,
+    outward: Callable[[str, int], float] | None = None,
 ) -> ArmGrid:
     """The grid the runs found so far call for. `records(rate)` gives each seed's results at a rate ({} when not
     run). Rounds, each once every run it needs is done: with `halving` ETA, every rate to the rung (1/ETA of the
     steps), then the best ceil(n/ETA) by mean validation loss there to the end; the rate chosen on final
     validation loss; at an edge of the grid, the next rate outward on that side (at most `widen` per side), which
-    enters at the rung like any other. A diverged rate is an edge's neighbour like any: it brackets. An arm whose
-    every rate diverged widens downward."""
+    enters at the rung like any other (`outward(side, k)` gives the k-th; by default next_rate of `initial`). A
+    diverged rate is an edge's neighbour like any: it brackets. An arm whose every rate diverged widens downward."""
     grid = ArmGrid(sorted(initial), dict.fromkeys(initial, 0), widening=Widening(widen))
+    outward = outward or partial(next_rate, sorted(initial))
     share = 1 / halving if halving else None
     while True:
         found = {rate: records(rate) for rate in grid.rates}
@@ -73,7 +92,7 @@ def grow(
         sides = [side for side in edges(arm_of(found, share)) if len(getattr(grid.widening, side)) < widen]
         for side in sides:
             taken = getattr(grid.widening, side)
-            rate = next_rate(sorted(initial), side, len(taken) + 1)
+            rate = outward(side, len(taken) + 1)
             grid.rates = sorted([*grid.rates, rate])
             grid.rounds[rate] = round_number
             grid.widening = replace(grid.widening, **{side: (*taken, rate)})

@@ -593,8 +593,10 @@ def interval_text(d: statistics.Difference) -> str:
 
 
 def unsettled(arm: statistics.Arm) -> list[str]:
-    """Why an arm's figures may not be its settled answer: its best rate at an edge of its grid, or one seed."""
+    """Why an arm's figures may not be its settled answer: its best rate not bracketed (at an edge of its grid, or
+    its one rate, not tuned), or one seed."""
     reasons = [f"{arm.name}'s best rate is at the edge of its grid"] if arm.at_edge else []
+    reasons += [f"{arm.name} ran one rate, not tuned"] if arm.one_rate else []
     return reasons + ([f"{arm.name} ran one seed"] if arm.chosen and len(arm.chosen.runs) < 2 else [])
 
 
@@ -660,13 +662,21 @@ def verdict(arms: list[statistics.Arm]) -> list[str]:
 
 
 def evaluation_rows_note(runs: list[Run]) -> str:
-    """What a seed varies: the training only; every seed is scored on the same validation and test rows."""
-    fractions = {r.get("config", {}).get("data_fraction", 1) for r in runs}
-    if fractions == {1} or fractions == {1.0}:
+    """What a seed varies: the training only, where every seed is scored on the same validation and test rows (the
+    whole splits, or one fraction drawn with one recorded --eval_seed); else the rows too."""
+    configs = [r.get("config", {}) for r in runs]
+    fractions = {c.get("data_fraction", 1) for c in configs}
+    eval_seeds = {c.get("eval_seed") for c in configs}
+    if fractions == {1}:
         rows = "the whole validation and test splits"
+    elif len(fractions) == 1 and len(eval_seeds) == 1 and None not in eval_seeds:
+        rows = f"the same validation and test rows (--eval_seed {next(iter(eval_seeds))})"
     else:
-        eval_seeds = sorted({r.get("config", {}).get("eval_seed") for r in runs}, key=str)
-        rows = f"the same validation and test rows (--eval_seed {', '.join(map(str, eval_seeds))})"
+        return (
+            "A seed varies the training (data order, initialisation, dropout) and here also the validation and test "
+            "rows: not every run drew them alike (another --data_fraction or --eval_seed, or, recorded before "
+            "--eval_seed, with its own --seed), so the intervals also hold the sampling of those rows."
+        )
     return (
         "A seed varies the training (data order, initialisation, dropout); every seed is scored on "
         f"{rows}, so the intervals measure training noise, not the sampling of the test set."
@@ -725,6 +735,7 @@ def study_record(arms: list[statistics.Arm], runs: list[Run], share: float | Non
                 "chosen_learning_rate": a.chosen.rate if a.chosen else None,
                 "failed": a.failed,
                 "at_edge_of_grid": a.at_edge,
+                "one_rate": a.one_rate,
                 "bracketed_by": [r.rate for r in a.bracket] if a.bracket else None,
                 "unsettled": unsettled(a),
                 "notes": a.notes,

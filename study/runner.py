@@ -21,13 +21,15 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 from pipeline.run_directory import is_locked
 from pipeline.settings import METHOD_DEFAULTS, SETTING_KINDS, RunSettings
 from pipeline.summary import busy
-from study.grid import HALF_DECADE, ArmGrid, done, grow
+from study.grid import ArmGrid, done, grow, next_rate, next_sweep_rate, sweep
 from study.report import NOT_ADAPTER_SETTINGS, canonical, study_report
 from study.statistics import arm_name, choose_rates, learning_rate, rate_text, seed
 from utils import CONCURRENT_RUNS_VARIABLE, RunInterrupted, ToolError, peft_arm_name, peft_config_file, timestamp
@@ -144,14 +146,15 @@ def run_settings(shared: RunSettings, study_dir: Path, name: str, **fields) -> R
     return replace(run, **method_defaults(run))
 
 
-def rate_grid(study: StudySettings, method: str, default: float) -> list[float]:
-    """A method's learning rates: its --learning_rates list, else the plain list, else --lr_sweep's N rates half a
-    decade apart centred on `default` (its own, or --learning_rate), else `default` alone."""
+def rate_grid(study: StudySettings, method: str, default: float) -> tuple[list[float], Callable[[str, int], float]]:
+    """A method's learning rates, and the k-th rate widening adds outward on a side: its --learning_rates list,
+    else the plain list, at that grid's spacing; else --lr_sweep's N rates half a decade apart centred on `default`
+    (its own, or --learning_rate), on the sweep's own lattice; else `default` alone, half a decade apart."""
     if study.lr_sweep:
-        n = study.lr_sweep
-        return [float(f"{default * HALF_DECADE ** (i - (n - 1) / 2):.3g}") for i in range(n)]
+        return sweep(default, study.lr_sweep), partial(next_sweep_rate, default, study.lr_sweep)
     lists = dict(study.learning_rates or [])
-    return lists.get(method) or lists.get(None) or [default]
+    rates = lists.get(method) or lists.get(None) or [default]
+    return rates, partial(next_rate, sorted(rates))
 
 
 @dataclass
@@ -202,7 +205,7 @@ def trained_arm(
     seeds = study.seeds or [shared.seed]
     widen = widen_limit(study)
     share = 1 / study.halving if study.halving else None
-    initial = rate_grid(study, method, shared.learning_rate or METHOD_DEFAULTS[fields["command"]][0])
+    initial, outward = rate_grid(study, method, shared.learning_rate or METHOD_DEFAULTS[fields["command"]][0])
     swept = len(initial) > 1 or widen > 0
 
     def planned(rate: float, s: int, to_rung: bool = False) -> Planned:
@@ -214,7 +217,7 @@ def trained_arm(
     def records(rate: float) -> list[dict]:
         return [recorded(study_dir / planned(rate, s).name) for s in seeds]
 
-    grid = grow(initial, records, widen, study.halving)
+    grid = grow(initial, records, widen, study.halving, outward)
     runs = [planned(rate, s, to_rung=bool(share) and rate not in grid.to_end) for rate in grid.rates for s in seeds]
     return grid, runs
 
@@ -250,8 +253,9 @@ NOT_CHECKED = ("eval_examples",)
 
 
 def changed_settings(config: dict, expected: RunSettings) -> list[str]:
-    """The settings (bookkeeping aside) whose recorded value differs from what this study would run with."""
-    return [
+    """The settings (bookkeeping aside) whose recorded value differs from what this study would run with. A run of
+    a fraction recorded before --eval_seed drew its validation and test rows with its --seed: not this study's."""
+    changed = [
         f"--{key} {config.get(key)} -> {value}"
         for key, value in expected.to_config().items()
         if key in config
@@ -259,6 +263,9 @@ def changed_settings(config: dict, expected: RunSettings) -> list[str]:
         and not (key in NOT_CHECKED and expected.eval_examples == 0)
         and json.dumps(canonical(key, config[key])) != json.dumps(canonical(key, value))
     ]
+    if config.get("data_fraction", 1) < 1 and "eval_seed" not in config:
+        changed.append(f"--eval_seed unrecorded: rows drawn with --seed {config.get('seed')} -> {expected.eval_seed}")
+    return changed
 
 
 # Reading a PEFT config as PEFT does needs peft, and so torch, which the study never imports: a process of its own.

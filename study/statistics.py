@@ -127,6 +127,11 @@ class Arm:
         )
 
     @property
+    def one_rate(self) -> bool:
+        """A trained arm that ran one learning rate: never tuned, so its choice is never bracketed."""
+        return self.chosen is not None and self.chosen.rate is not None and len(self.rates) == 1
+
+    @property
     def bracket(self) -> tuple[Rate, Rate] | None:
         """The rates either side of the chosen one, when it has a rate on both sides."""
         if self.chosen is None or self.at_edge or len(self.rates) < 2:
@@ -191,9 +196,12 @@ def choose_rates(
 
 
 def bracket_notes(arm: Arm, widening: Widening | None) -> list[str]:
-    """`bracketed by A and B`, or per edge the chosen rate is at, how many widenings it stayed there after."""
+    """`bracketed by A and B`; one rate, not tuned; or per edge the chosen rate is at, how many widenings it stayed
+    there after."""
     if arm.bracket:
         return ["bracketed by " + " and ".join(f"{rate_text(r.rate)}{rate_state(r)}" for r in arm.bracket)]
+    if arm.one_rate:
+        return ["one rate, not tuned: not bracketed"]  # no sweep, or --widen 0 for a method without a list
     if not arm.at_edge:
         return []
     limit = widening.limit if widening else 0

@@ -3,6 +3,7 @@ round after round as the study runs them (fast: no training)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -134,3 +135,30 @@ def test_a_study_rerun_with_another_halving_is_refused_never_ranked_on_the_old_r
     finished = {key: run for key, run in ran.items() if run["status"] == "finished"}  # validated at steps 2 and 6
     with pytest.raises(ToolError, match="has no validation loss at the rung step, not at this study's rung"):
         grow([1e-4, 3e-4], lambda rate: [finished[(rate, s)] for s in SEEDS], 0, halving=2)
+
+
+@pytest.mark.parametrize("best", [1.0, 1e-9])  # the best rate at the top of the grid, or at its bottom
+def test_widening_a_lr_sweep_gives_the_rates_and_run_names_a_wider_sweep_gives(best, tmp_path):
+    """--lr_sweep 3 of full is 3.16e-6, 1e-5, 3.16e-5: widened, 1e-4 above (not 9.99e-5 from the rounded rates) and
+    1e-6 below, the rates and run names --lr_sweep 5 gives, so a later study that asks for them reuses the runs."""
+    import main as cli
+    from pipeline.settings import RunSettings
+    from study.runner import StudySettings, planned_runs
+
+    def plan(study_dir, *flags):
+        args = cli.build_parser().parse_args(["study", "--arms", "full", "--study_name", "s", "--seeds", "1,2", *flags])
+        return planned_runs(StudySettings.from_flags(args), RunSettings.from_flags(args), study_dir)
+
+    first = plan(tmp_path / "three", "--lr_sweep", "3")
+    assert first.grids["full"].rates == [3.16e-6, 1e-5, 3.16e-5]
+    for run in first.runs:  # the grid's runs done: the best rate at an edge
+        (tmp_path / "three" / run.name).mkdir(parents=True)
+        done = result(run.settings.learning_rate, run.settings.seed, bowl(best)(run.settings.learning_rate), False)
+        (tmp_path / "three" / run.name / "results.json").write_text(json.dumps(done))
+    widened = plan(tmp_path / "three", "--lr_sweep", "3")
+    (added,) = widened.grids["full"].widening.above or widened.grids["full"].widening.below
+    wider = plan(tmp_path / "five", "--lr_sweep", "5")
+    assert added == (1e-4 if best == 1.0 else 1e-6) and added in wider.grids["full"].rates
+    names = {run.name for run in widened.runs if run.settings.learning_rate == added}
+    assert names == {run.name for run in wider.runs if run.settings.learning_rate == added}
+    assert names == {f"full-lr{'1e-4' if best == 1.0 else '1e-6'}-s{s}" for s in (1, 2)}

@@ -208,3 +208,38 @@ def test_the_study_base_arm_is_the_base_even_when_its_model_is_a_saved_run(tmp_p
     base, full = trained_results(tmp_path, planned)
     assert (base["mode"], base["method"], base["trainable_params"]) == ("base", "base", 0)
     assert full == {"run_dir": str(tmp_path / "full")}
+
+
+def test_a_trained_arm_of_one_rate_is_not_bracketed_and_its_verdict_unsettled_while_diverged_neighbours_bracket():
+    """Without a sweep (--widen 0) a trained arm's one rate was never tuned: no bracketed optimum, so the verdict
+    against it says Unsettled; an optimum between two diverged rates is bracketed."""
+    from study.report import study_record, verdict
+
+    runs = [*grid("base", {None: ([6.0, 6.1], [6.0, 6.1])}), *grid("full", {1e-5: ([2.5, 2.6], [2.6, 2.75])})]
+    runs += grid("lora-r8", {1e-4: ([2.7, 2.8], [2.8, 2.9])})
+    runs += [planted("lora-r8", rate, s, None, 9.0, status="failed") for rate in (3.16e-5, 3.16e-4) for s in SEEDS[:2]]
+    arms = statistics.choose_rates(runs)
+    base, full, lora = (arm(arms, name) for name in ("base", "full", "lora-r8"))
+    assert full.one_rate and full.bracket is None and full.notes == ["one rate, not tuned: not bracketed"]
+    assert not lora.one_rate and lora.notes[0] == "bracketed by 3.16e-5 (diverged) and 3.16e-4 (diverged)"
+    assert not base.one_rate and base.notes == []
+    (line,) = [line for line in verdict(arms) if "**lora-r8**" in line]
+    assert line.startswith("- **Unsettled** (full ran one rate, not tuned): **lora-r8** against full fine-tuning")
+    record = {a["arm"]: a for a in study_record(arms, runs)["arms"]}
+    assert record["full"]["unsettled"] == ["full ran one rate, not tuned"] and record["lora-r8"]["unsettled"] == []
+
+
+def test_the_note_on_evaluation_rows_claims_the_same_rows_only_where_every_run_recorded_one_eval_seed():
+    from study.report import evaluation_rows_note
+
+    def run(seed: int, **config) -> dict:
+        return planted("full", 1e-5, seed, 2.5, 2.6) | {"config": {"seed": seed, **config}}
+
+    whole = evaluation_rows_note([run(1), run(2, data_fraction=1.0)])  # every row: the seeds cannot differ
+    assert "scored on the whole validation and test splits" in whole
+    drawn = evaluation_rows_note([run(s, data_fraction=0.5, eval_seed=0) for s in (1, 2)])
+    assert "scored on the same validation and test rows (--eval_seed 0), so the intervals measure training" in drawn
+    # one run recorded before --eval_seed drew its rows with its own --seed: no sameness claimed, no None
+    old = evaluation_rows_note([run(1, data_fraction=0.5, eval_seed=0), run(2, data_fraction=0.5)])
+    assert "same validation and test rows" not in old and "None" not in old
+    assert "here also the validation and test rows" in old and "also hold the sampling of those rows" in old

@@ -80,7 +80,8 @@ def test_the_report_opens_with_a_verdict_whose_numbers_are_those_of_its_tables(s
     for arm in ("lora-r2", "lora-r4", "ia3"):
         (row,) = [r for r in report.splitlines() if r.startswith(f"| {arm} ") and "| full " in r and "perplexity" in r]
         (line,) = [v for v in verdict.splitlines() if f"**{arm}**" in v]
-        assert line.startswith(f"- **Unsettled** ({arm} ran one seed; full ran one seed): **{arm}** against full")
+        why = f"{arm} ran one rate, not tuned; {arm} ran one seed; full ran one rate, not tuned; full ran one seed"
+        assert line.startswith(f"- **Unsettled** ({why}): **{arm}** against full")  # no sweep: nothing bracketed
         assert f"test perplexity {row.split('|')[4].strip()} (n=1, no interval" in line
         params = results(study["dir"] / arm)["trainable_params"] / full["trainable_params"]
         assert f"{params:#.3g}x the trainable parameters" in line and "x the peak memory" in line
@@ -99,6 +100,38 @@ def test_the_same_study_again_trains_nothing_and_changes_no_finished_arm(study, 
     assert "finished already" not in captured.out  # every arm is checked before any runs
     assert "full was started with other settings (--max_steps 4 -> 5)" in captured.err
     assert "--study_name" in captured.err
+
+
+def test_runs_recorded_before_eval_seed_that_drew_a_fraction_are_refused_and_whole_splits_are_not(tmp_path, capsys):
+    """A study of --data_fraction 0.5 made before --eval_seed scored each seed on rows drawn with its own --seed:
+    rerun now (rows of --eval_seed 0) it is refused in one line before anything runs, its runs left as they are;
+    with every row scored (--data_fraction 1) an old run is this study's."""
+    from pipeline.settings import RunSettings
+    from study.runner import StudySettings, changed_settings, planned_runs
+
+    argv = ["study", "--output_dir", str(tmp_path), "--study_name", "s", "--arms", "full", "--seeds", "1,2"]
+    argv += ["--eval_examples", "0"]
+    args = cli.build_parser().parse_args([*argv, "--data_fraction", "0.5"])
+    for run in planned_runs(StudySettings.from_flags(args), RunSettings.from_flags(args), tmp_path / "s").runs:
+        config = {k: v for k, v in run.settings.to_config().items() if k != "eval_seed"}  # as runs recorded it then
+        (tmp_path / "s" / run.name).mkdir(parents=True)
+        (tmp_path / "s" / run.name / "results.json").write_text(
+            json.dumps({"status": "finished", "mode": "full", "method": "full", "config": config, "val_loss": 2.0})
+        )
+    before = {p: p.read_bytes() for p in (tmp_path / "s").glob("*/results.json")}
+    capsys.readouterr()
+    assert cli.main([*argv, "--data_fraction", "0.5"]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1].endswith(
+        "full-s1 was started with other settings (--eval_seed unrecorded: rows drawn with --seed 1 -> 0); "
+        "give this study another --study_name"
+    )
+    assert {p: p.read_bytes() for p in (tmp_path / "s").glob("*/results.json")} == before
+    args = cli.build_parser().parse_args(argv)
+    whole = planned_runs(StudySettings.from_flags(args), RunSettings.from_flags(args), tmp_path / "new").runs[0]
+    config = {k: v for k, v in whole.settings.to_config().items() if k != "eval_seed"}
+    assert config["data_fraction"] == 1 and changed_settings(config, whole.settings) == []
+    assert changed_settings(config | {"data_fraction": 0.5}, whole.settings)[-1].startswith("--eval_seed unrecorded")
 
 
 def test_runs_of_other_settings_get_their_own_table_and_a_saved_model_is_no_base(study, common_flags, capsys):
