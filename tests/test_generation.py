@@ -56,10 +56,11 @@ def test_batched_generation_gives_the_same_hypotheses_as_one_at_a_time(trained_r
     assert batched == alone and batched_tokens == alone_tokens > 0
     assert all(h and not h.startswith(p) for h, p in zip(batched, prompts, strict=True))
 
-    # Prompts encoded once into the beam cache: transformers' own beam search over its own cache, token for token
+    # Prompts encoded once, alone, into the beam cache: transformers' own beam search over its own cache, token for
+    # token, also for a one-token prompt beside longer ones (nothing of it encoded ahead)
     tokenizer.padding_side = "left"
-    inputs = tokenizer(prompts[:5], return_tensors="pt", padding=True)
-    assert not inputs["attention_mask"].all()  # left padding in play
+    inputs = tokenizer(["=", *prompts[:4]], return_tensors="pt", padding=True)
+    assert inputs["attention_mask"][0].sum() == 1 < inputs["attention_mask"].sum(1).max()  # a one-token prompt too
     search = {"no_repeat_ngram_size": 2, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
     with torch.no_grad():
         ours = generate_once_per_prompt(model, inputs, 3, 16, **search)
