@@ -45,11 +45,23 @@ def main() -> None:
     common = ["--model", args.model, "--text", args.text, "--steps", str(steps), *shape]
     common += ["--quick"] if args.dry_run else []
     bench_args = vars(head_to_head.parse_args(common))
-    width = 128 if args.dry_run else 768
-    peaks = {p: matmul_peak_flops(width, 4 * bench_args["block_size"], DTYPES[p], device) for p in PRECISIONS}
+    # The peak from a matmul big enough to reach it: GPT-2's MLP shape takes microseconds on a large GPU, where
+    # launch overhead would understate the peak and so overstate every share of it.
+    width, tokens = (128, 4 * bench_args["block_size"]) if args.dry_run else (4096, 8192)
+    peaks = {p: matmul_peak_flops(width, tokens, DTYPES[p], device) for p in PRECISIONS}
+    out = Path(args.out)
+    results = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "dry_run": args.dry_run,
+        "complete": False,  # written after every stage: a run stopped by the time limit keeps what it measured
+        "matmul_peak_flop_per_s": peaks,
+        "matmul_peak_shape": f"({tokens} x {width}) @ ({width} x {4 * width})",
+        "training": {},
+        "environment": environment_info(),
+    }
+    atomic_write_json(out, results)
     compile_flags = ("--compile", "off" if args.dry_run else "on")  # compiling even a toy model takes minutes on a CPU
     processes = measurement_processes()
-    training = {}
     for precision in PRECISIONS:
         for mode in ("full", "lora"):
             job = {
@@ -63,23 +75,14 @@ def main() -> None:
                 run = pool.apply_async(train_measurement, (job,)).get()
             if "error" not in run:
                 run["share_of_bf16_peak"] = run["flop_per_s"] / peaks["bf16"]
-            training[f"{mode}_{precision}"] = run
+            results["training"][f"{mode}_{precision}"] = run
+            atomic_write_json(out, results | {"check_s": time.perf_counter() - started})
             print(f"  {mode} {precision}: {run.get('real_tokens_per_s', run.get('error'))}", flush=True)
-    out = Path(args.out)
     head_to_head_dir = out.parent / f"{out.stem}-head-to-head"
     head_to_head.main([*common, "--rounds", "1", "--out_dir", str(head_to_head_dir)])
     (written,) = head_to_head_dir.glob("head-to-head-*.json")
-    results = {
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "dry_run": args.dry_run,
-        "matmul_peak_flop_per_s": peaks,
-        "training": training,
-        "head_to_head": json.loads(written.read_text()),
-        "head_to_head_file": str(written),
-        "check_s": time.perf_counter() - started,
-        "environment": environment_info(),
-    }
-    atomic_write_json(out, results)
+    results |= {"head_to_head": json.loads(written.read_text()), "head_to_head_file": str(written), "complete": True}
+    atomic_write_json(out, results | {"check_s": time.perf_counter() - started})
     print(f"wrote {out}")
 
 

@@ -54,7 +54,8 @@ def test_device_check_dry_run_writes_one_json_of_every_figure(tiny_model_dir, da
     done = subprocess.run([*argv, "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(out.read_text())
-    assert results["dry_run"] is True and set(results["matmul_peak_flop_per_s"]) == {"bf16", "fp32"}
+    assert results["dry_run"] is True and results["complete"] is True
+    assert set(results["matmul_peak_flop_per_s"]) == {"bf16", "fp32"}
     assert set(results["training"]) == {f"{m}_{p}" for m in ("full", "lora") for p in ("bf16", "fp32")}
     for run in results["training"].values():
         assert run["real_tokens_per_s"] > 0 and run["share_of_bf16_peak"] > 0 and run["peak_memory_mb"] > 0
