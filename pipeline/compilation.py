@@ -32,10 +32,14 @@ def compile_chosen(choice: str, model: torch.nn.Module, planned_steps: int) -> b
     return choice == "on"
 
 
+# Read at import, before anything compiles: inductor writes its own default into the variable once it has.
+USER_INDUCTOR_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+
+
 def use_cache_under(cache_dir: str) -> None:
     """Keep inductor's compiled artefacts under the tool's cache directory, so that every run of a study (and any
     later run of the same model and shapes) reuses them; a directory the user set is left alone."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cache_dir).expanduser() / "inductor"))
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = USER_INDUCTOR_CACHE or str(Path(cache_dir).expanduser() / "inductor")
 
 
 def compile_body(model: torch.nn.Module) -> None:
