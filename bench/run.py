@@ -220,10 +220,10 @@ def timed_training(job: dict) -> dict:
     train = training_datasets(load_rows(args.text), load_tokenizer(args.model), args.block_size)[job["pipeline"]]
     lora = job["mode"] == "lora"
     model = build_model(args, lora)
-    if job.get("inductor_cache"):  # a cold or warm compile, as the job asks
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = job["inductor_cache"]
+    # A cold or warm compile, as the job asks: the tool keeps inductor's cache under --cache_dir
+    cache = ("--cache_dir", job["inductor_cache"]) if job.get("inductor_cache") else ()
     with tempfile.TemporaryDirectory() as tmp:
-        flags = recipe_flags(args, job["mode"], job["extra"])
+        flags = recipe_flags(args, job["mode"], (*job["extra"], *cache))
         if job["pipeline"] == "run_clm":
             trainer = run_clm_trainer(model, train, tmp, args.batch_size, flags.max_steps, flags.precision)
         else:
