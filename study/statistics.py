@@ -337,13 +337,16 @@ def device_hours(run: Run) -> tuple[float, str]:
 
 
 def device_hours_to_the_end(run: Run) -> float:
-    """A stopped run's device-hours had it trained to the end: the part after its first step scaled by its whole
-    run's steps over the steps it ran; the first step (start-up, compiling) paid once."""
+    """A stopped run's device-hours had it trained to the end: the first step (start-up, compiling) paid once, the
+    steps after it scaled from the ones it ran to the ones its whole run has. Without a first step's time, or with
+    only the first step run, every step counts alike."""
     hours = device_hours(run)[0]
     seconds = (run.get("train_time_s") or 0) + (run.get("generation_time_s") or 0)
     once = hours * (run.get("first_step_s") or 0) / seconds if seconds else 0
     stopped = run["stopped_early"]
-    return once + (hours - once) * stopped["max_steps"] / stopped["step"]
+    if not once or stopped["step"] == 1:
+        return hours * stopped["max_steps"] / stopped["step"]
+    return once + (hours - once) * (stopped["max_steps"] - 1) / (stopped["step"] - 1)
 
 
 def study_cost(runs: list[Run], arms: list[Arm]) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import math
 import pytest
 
 from study import statistics
-from study.grid import DIVERGED, done, grow, next_rate
+from study.grid import DIVERGED, done, grow, next_rate, past_rung
 from utils import ToolError
 
 SEEDS = (1, 2)
@@ -107,10 +107,10 @@ def test_halving_trains_every_rate_to_the_rung_and_only_the_best_third_to_the_en
     cost = statistics.study_cost(list(ran.values()), [found])
     assert cost["device_hours"] == (4 * 360 + 6 * 120) / 3600
     assert cost["device_hours_without_halving"] == 10 * 360 / 3600 and cost["stopped_early_runs"] == 6
-    for run in ran.values():  # a first step of 30 s (start-up) is paid once, not once per share of the steps
+    for run in ran.values():  # a first step of 30 s (start-up) is paid once: the stopped runs' 2nd took 90 s
         run["first_step_s"] = 30.0
     cost = statistics.study_cost(list(ran.values()), [found])
-    assert cost["device_hours_without_halving"] == pytest.approx((4 * 360 + 6 * (30 + 90 * 3)) / 3600)
+    assert cost["device_hours_without_halving"] == pytest.approx((4 * 360 + 6 * (30 + 90 * 5)) / 3600)
 
 
 def test_an_added_rate_enters_at_the_rung_and_goes_on_only_if_it_is_among_the_best_there():
@@ -135,6 +135,8 @@ def test_a_study_rerun_with_another_halving_is_refused_never_ranked_on_the_old_r
     finished = {key: run for key, run in ran.items() if run["status"] == "finished"}  # validated at steps 2 and 6
     with pytest.raises(ToolError, match="has no validation loss at the rung step, not at this study's rung"):
         grow([1e-4, 3e-4], lambda rate: [finished[(rate, s)] for s in SEEDS], 0, halving=2)
+    diverged = finished[(3e-4, 1)] | {"val_loss": math.nan, "log_history": []}  # went on from the rung, then diverged
+    assert past_rung(diverged, 1 / 3) and past_rung(diverged, 1 / 2)  # a result at any rung, never a refusal
 
 
 @pytest.mark.parametrize("best", [1.0, 1e-9])  # the best rate at the top of the grid, or at its bottom
