@@ -96,8 +96,11 @@ def adapter_config(model: PreTrainedModel) -> dict[str, Any] | None:
 def peft_file_adapter_config(path: str, model: str, revision: str | None = None) -> dict[str, Any]:
     """The adapter config a `peft` run of the file `path` on `model` records now: the file as PEFT reads it, PEFT's
     defaults for the keys it leaves out, and what PEFT derives from the model (target modules, layers, ...), built
-    as the run builds it but on an empty (meta) model, so no weights are read."""
-    config = load_peft_config(path)
-    with torch.device("meta"):
-        empty = AutoModelForCausalLM.from_config(load_model_config(model, revision))
-    return adapter_config(get_peft_model(empty, config))
+    as the run builds it but on an empty (meta) model, so no weights are read; on random weights where the method
+    initialises from the weights' values (PiSSA's SVD, say), which an empty model does not have."""
+    config, model_config = load_peft_config(path), load_model_config(model, revision)
+    try:
+        with torch.device("meta"):
+            return adapter_config(get_peft_model(AutoModelForCausalLM.from_config(model_config), config))
+    except Exception:  # PEFT raises what torch raises on meta tensors, of many types
+        return adapter_config(get_peft_model(AutoModelForCausalLM.from_config(model_config), load_peft_config(path)))

@@ -169,3 +169,6 @@ def test_a_peft_arm_whose_config_file_changed_since_it_ran_is_named(tmp_path, ti
         "lora_dropout 0.0 -> 0.1",
     ]
     assert changed_adapter(recorded, now(lora_alpha=16)) == ["target_modules ['c_attn', 'c_proj'] -> ['c_attn']"]
+    # A method that initialises from the weights' values (PiSSA's SVD) is read too: an empty model has none
+    pissa = now(target_modules=["c_attn"], init_lora_weights="pissa", fan_in_fan_out=True)
+    assert pissa["init_lora_weights"] == "pissa" and pissa["target_modules"] == ["c_attn"]
