@@ -6,11 +6,13 @@ from typing import Any
 
 from analysis.weight_update import after_training
 from pipeline.modeling import load_causal_lm, load_tokenizer
+from pipeline.run_directory import starting_revision
 from pipeline.settings import RunSettings
 from pipeline.training import finetune
 
 
 def run(settings: RunSettings) -> dict[str, Any]:
     tokenizer = load_tokenizer(settings.model)
-    model, checkpoint_dtype = load_causal_lm(settings.model, from_scratch=settings.from_scratch)
+    revision = starting_revision(settings.output_dir, settings.run_name, settings.resume, "full")
+    model, checkpoint_dtype = load_causal_lm(settings.model, from_scratch=settings.from_scratch, revision=revision)
     return after_training(finetune(settings, "full", model, tokenizer, checkpoint_dtype))

@@ -180,6 +180,18 @@ def run_to_resume(output_dir: Path, run_name: str | None, resume: str, mode: str
     return latest_unfinished_run(output_dir, mode)
 
 
+def starting_revision(output_dir: str, run_name: str | None, resume: str | None, mode: str) -> str | None:
+    """The Hub model's commit to load: for --resume, the one the run's first session recorded (a LoRA checkpoint
+    holds only the adapter, and the Hub's default branch may have moved since); None (the default branch) for a new
+    run, or where the run to resume cannot be read (opening it says why)."""
+    if resume is None:
+        return None
+    try:
+        return read_results(run_to_resume(Path(output_dir), run_name, resume, mode)).get("model_revision")
+    except (ToolError, OSError):
+        return None
+
+
 def chosen_checkpoint(run: RunDirectory, resume: str) -> Path | None:
     """The checkpoint `--resume` continues from: the newest complete one, or the CHECKPOINT given (newer ones,
     which the run would otherwise mix with its own, are set aside)."""

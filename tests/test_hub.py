@@ -114,7 +114,7 @@ def test_default_model_and_dataset_train_evaluate_and_score_from_a_warm_cache_of
     from transformers import AutoModelForCausalLM
 
     moved = tmp_path / "hf_home_moved"
-    shutil.copytree(warm_hf_home / "hub", moved / "hub")
+    shutil.copytree(warm_hf_home, moved)
     repo, later = moved / "hub" / "models--openai-community--gpt2", "1" * 40
     shutil.copytree(repo / "snapshots" / COMMIT, repo / "snapshots" / later)
     other = AutoModelForCausalLM.from_pretrained(repo / "snapshots" / later)
@@ -128,6 +128,14 @@ def test_default_model_and_dataset_train_evaluate_and_score_from_a_warm_cache_of
     again = json.loads((out / "warm" / "results.json").read_text())["update_shape"]["matrices"]
     for name, matrix in results["update_shape"]["matrices"].items():
         assert again[name]["relative_update_norm"] == pytest.approx(matrix["relative_update_norm"], rel=1e-3)
+    # A LoRA run stopped before the Hub moved resumes on the commit it started from (its checkpoint holds only the
+    # adapter): it ends as the run that was never stopped
+    done = run_tool([*argv, "--run_name", "stopped", "--stop_at_share", "0.5"], warm_hf_home, HF_HUB_OFFLINE="1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    done = run_tool([*argv, "--run_name", "stopped", "--resume"], moved, HF_HUB_OFFLINE="1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    resumed = json.loads((out / "stopped" / "results.json").read_text())
+    assert resumed["model_revision"] == COMMIT and resumed["test_loss"] == results["test_loss"]
 
 
 def test_an_unreachable_hub_falls_back_to_the_warm_cache_and_legacy_ids_find_it(warm_hf_home, tmp_path):
