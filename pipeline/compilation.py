@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from torch._dynamo.utils import calculate_time_spent
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 from pipeline.lean_training import causal_lm
 
@@ -32,14 +33,12 @@ def compile_chosen(choice: str, model: torch.nn.Module, planned_steps: int) -> b
     return choice == "on"
 
 
-# Read at import, before anything compiles: inductor writes its own default into the variable once it has.
-USER_INDUCTOR_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-
-
 def use_cache_under(cache_dir: str) -> None:
     """Keep inductor's compiled artefacts under the tool's cache directory, so that every run of a study (and any
-    later run of the same model and shapes) reuses them; a directory the user set is left alone."""
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = USER_INDUCTOR_CACHE or str(Path(cache_dir).expanduser() / "inductor")
+    later run of the same model and shapes) reuses them; a directory the user set is left alone (inductor's own
+    default is no choice: importing torch._dynamo writes it into the variable)."""
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(cache_dir).expanduser() / "inductor")
 
 
 def compile_body(model: torch.nn.Module) -> None:

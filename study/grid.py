@@ -105,8 +105,8 @@ def past_rung(run: Run, share: float) -> bool:
     """Done to the rung, or past it on its way to the end (a run interrupted after it, say). A run stopped at another
     rung, or finished with no validation at this one (a study run with another --halving), has no loss to rank here:
     refused, never ranked on another step's loss."""
-    if rung_loss(run, share) is not None or diverged(run) or (done(run) and run.get("status") != "finished"):
-        return True  # a rate that diverged, at the rung or after it, bounds the grid: a result, not a refusal
+    if rung_loss(run, share) is not None or (done(run) and (run.get("status") != "finished" or diverged(run))):
+        return True  # a rate that diverged, before the rung or after it, is a result, not a refusal
     if run.get("status") not in ("stopped_early", "finished"):
         return False
     stopped = run.get("stopped_early")

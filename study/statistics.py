@@ -142,16 +142,14 @@ class Arm:
 
 def rung_loss(run: Run, share: float) -> float | None:
     """The run's validation loss at the rung of `share` (--stop_at_share): recorded when it stopped there, else its
-    validation logged at that step; None when it has none (stopped at another step, say, or diverged)."""
-    if diverged(run):
-        return None
+    validation logged at that step, even if it diverged after it; None when it has none (stopped at another step,
+    say, or diverged before it) or that loss is not finite."""
     stopped = run.get("stopped_early")
     steps = stopped["max_steps"] if stopped else run.get("total_steps") or run.get("optimizer_steps")
     step = stop_step(steps, share) if steps else None
-    if stopped and stopped["step"] == step:
-        return stopped["val_loss"]
     logged = [e["eval_loss"] for e in run.get("log_history") or [] if "eval_loss" in e and e.get("step") == step]
-    return logged[-1] if step and logged else None
+    loss = stopped["val_loss"] if stopped and stopped["step"] == step else logged[-1] if step and logged else None
+    return loss if loss is not None and math.isfinite(loss) else None
 
 
 def choose_rates(

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from pipeline.compilation import AUTO_MIN_PARAMETERS, AUTO_MIN_STEPS, compile_chosen
+from pipeline.compilation import AUTO_MIN_PARAMETERS, AUTO_MIN_STEPS, compile_chosen, use_cache_under
 
 
 def test_auto_compiles_large_models_on_long_runs_only():
@@ -19,12 +17,12 @@ def test_auto_compiles_large_models_on_long_runs_only():
 
 
 def test_inductors_cache_goes_under_the_tools_cache_dir_unless_the_user_chose_one(monkeypatch, tmp_path):
-    from pipeline import compilation
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
 
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor_default")  # as inductor leaves it once it ran
-    monkeypatch.setattr(compilation, "USER_INDUCTOR_CACHE", None)
-    compilation.use_cache_under(str(tmp_path))
-    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
-    monkeypatch.setattr(compilation, "USER_INDUCTOR_CACHE", "/data/mine")
-    compilation.use_cache_under(str(tmp_path))
-    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/data/mine"
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # restored after the test
+    cache_dir()  # inductor's own default, written into TORCHINDUCTOR_CACHE_DIR as importing torch._dynamo does
+    use_cache_under(str(tmp_path))
+    assert cache_dir() == str(tmp_path / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    use_cache_under(str(tmp_path))
+    assert cache_dir() == str(tmp_path / "mine")

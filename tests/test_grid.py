@@ -137,6 +137,11 @@ def test_a_study_rerun_with_another_halving_is_refused_never_ranked_on_the_old_r
         grow([1e-4, 3e-4], lambda rate: [finished[(rate, s)] for s in SEEDS], 0, halving=2)
     diverged = finished[(3e-4, 1)] | {"val_loss": math.nan, "log_history": []}  # went on from the rung, then diverged
     assert past_rung(diverged, 1 / 3) and past_rung(diverged, 1 / 2)  # a result at any rung, never a refusal
+    at_rung = [e["eval_loss"] for e in finished[(3e-4, 1)]["log_history"] if e.get("step") == 2]
+    later = finished[(3e-4, 1)] | {"val_loss": math.nan}  # its rung loss still ranks it where it was at the rung
+    assert statistics.rung_loss(later, 1 / 3) == at_rung[-1] and past_rung(later, 1 / 3)
+    crashed = finished[(3e-4, 1)] | {"status": "failed", "error": "out of memory", "log_history": []}
+    assert not past_rung(crashed, 1 / 3)  # a crash is no result: the run is run again, no other rate takes its place
 
 
 @pytest.mark.parametrize("best", [1.0, 1e-9])  # the best rate at the top of the grid, or at its bottom
