@@ -9,7 +9,7 @@ from peft import PeftModel
 
 from pipeline.measurement import MachineLoad
 from pipeline.modeling import load_causal_lm, load_tokenizer
-from pipeline.run_directory import write_results
+from pipeline.run_directory import base_revision, write_results
 from pipeline.settings import RunSettings
 from pipeline.training import claim_run, evaluate_and_save_results, evaluation_trainer, load_packed_splits, run_record
 from utils import ToolError, one_line
@@ -18,7 +18,8 @@ from utils import ToolError, one_line
 def run(settings: RunSettings) -> dict[str, Any]:
     mode = "adapter" if settings.adapter else "saved" if is_saved_run_model(settings.model) else "base"
     tokenizer = load_tokenizer(settings.model)
-    model, checkpoint_dtype = load_causal_lm(settings.model, from_scratch=settings.from_scratch)
+    revision = base_revision(settings.adapter, settings.model) if settings.adapter else None
+    model, checkpoint_dtype = load_causal_lm(settings.model, from_scratch=settings.from_scratch, revision=revision)
     if settings.adapter:
         try:
             model = PeftModel.from_pretrained(model, settings.adapter)
@@ -30,6 +31,7 @@ def run(settings: RunSettings) -> dict[str, Any]:
         trainer = evaluation_trainer(settings, model, run.path)
         trainer.forgetting = forgetting.blocks
         results = run_record(settings, mode, run, model, trainer, checkpoint_dtype, forgetting)
+        results["model_revision"] = revision or results["model_revision"]  # the base the adapter was put on
         if trainer.is_world_process_zero():
             write_results(run.path, results)
         with MachineLoad(trainer.is_world_process_zero()) as load:

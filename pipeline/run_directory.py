@@ -192,6 +192,16 @@ def starting_revision(output_dir: str, run_name: str | None, resume: str | None,
         return None
 
 
+def base_revision(adapter: str, model: str) -> str | None:
+    """The commit of the Hub `model` that the run holding `adapter` (its adapter/ folder) trained on, as it
+    recorded it: the base to put the adapter on, wherever the Hub's default branch is now; None otherwise."""
+    try:
+        trained = read_results(Path(adapter).parent)
+    except (ToolError, OSError):
+        return None
+    return trained.get("model_revision") if trained.get("model") == model else None
+
+
 def chosen_checkpoint(run: RunDirectory, resume: str) -> Path | None:
     """The checkpoint `--resume` continues from: the newest complete one, or the CHECKPOINT given (newer ones,
     which the run would otherwise mix with its own, are set aside)."""

@@ -136,6 +136,12 @@ def test_default_model_and_dataset_train_evaluate_and_score_from_a_warm_cache_of
     assert done.returncode == 0, done.stderr[-2000:]
     resumed = json.loads((out / "stopped" / "results.json").read_text())
     assert resumed["model_revision"] == COMMIT and resumed["test_loss"] == results["test_loss"]
+    # So does the adapter put on its base later (a study's generation run of its chosen arm)
+    argv = ["evaluate", "--adapter", str(out / "warm" / "adapter"), *SMALL_RUN, "--output_dir", str(out)]
+    done = run_tool([*argv, "--cache_dir", str(tmp_path / "blocks"), "--run_name", "later"], moved, HF_HUB_OFFLINE="1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    later = json.loads((out / "later" / "results.json").read_text())
+    assert later["model_revision"] == COMMIT and later["test_loss"] == pytest.approx(results["test_loss"], rel=1e-6)
 
 
 def test_an_unreachable_hub_falls_back_to_the_warm_cache_and_legacy_ids_find_it(warm_hf_home, tmp_path):
