@@ -93,14 +93,17 @@ def adapter_config(model: PreTrainedModel) -> dict[str, Any] | None:
     return json.loads(as_json)
 
 
+# LoRA's initialisations that draw random numbers; the others (pissa, olora, corda, eva, loftq...) read the weights.
+RANDOM_LORA_INITS = ("gaussian", "orthogonal")
+
+
 def peft_file_adapter_config(path: str, model: str, revision: str | None = None) -> dict[str, Any]:
     """The adapter config a `peft` run of the file `path` on `model` records now: the file as PEFT reads it, PEFT's
     defaults for the keys it leaves out, and what PEFT derives from the model (target modules, layers, ...), built
     as the run builds it but on an empty (meta) model, so no weights are read; on random weights where the method
     initialises from the weights' values (PiSSA's SVD, say), which an empty model does not have."""
     config, model_config = load_peft_config(path), load_model_config(model, revision)
-    try:
-        with torch.device("meta"):
-            return adapter_config(get_peft_model(AutoModelForCausalLM.from_config(model_config), config))
-    except Exception:  # PEFT raises what torch raises on meta tensors, of many types
-        return adapter_config(get_peft_model(AutoModelForCausalLM.from_config(model_config), load_peft_config(path)))
+    init = getattr(config, "init_lora_weights", True)
+    from_weights = isinstance(init, str) and init not in RANDOM_LORA_INITS
+    with torch.device("cpu" if from_weights else "meta"):
+        return adapter_config(get_peft_model(AutoModelForCausalLM.from_config(model_config), config))
