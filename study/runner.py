@@ -254,7 +254,8 @@ NOT_CHECKED = ("eval_examples",)
 
 def changed_settings(config: dict, expected: RunSettings) -> list[str]:
     """The settings (bookkeeping aside) whose recorded value differs from what this study would run with. A run of
-    a fraction recorded before --eval_seed drew its validation and test rows with its --seed: not this study's."""
+    a fraction recorded before --eval_seed drew its validation and test rows with its --seed: this study's only when
+    that seed is this study's --eval_seed."""
     changed = [
         f"--{key} {config.get(key)} -> {value}"
         for key, value in expected.to_config().items()
@@ -263,7 +264,7 @@ def changed_settings(config: dict, expected: RunSettings) -> list[str]:
         and not (key in NOT_CHECKED and expected.eval_examples == 0)
         and json.dumps(canonical(key, config[key])) != json.dumps(canonical(key, value))
     ]
-    if config.get("data_fraction", 1) < 1 and "eval_seed" not in config:
+    if config.get("data_fraction", 1) < 1 and "eval_seed" not in config and config.get("seed") != expected.eval_seed:
         changed.append(f"--eval_seed unrecorded: rows drawn with --seed {config.get('seed')} -> {expected.eval_seed}")
     return changed
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import threading
@@ -132,6 +133,8 @@ def test_runs_recorded_before_eval_seed_that_drew_a_fraction_are_refused_and_who
     config = {k: v for k, v in whole.settings.to_config().items() if k != "eval_seed"}
     assert config["data_fraction"] == 1 and changed_settings(config, whole.settings) == []
     assert changed_settings(config | {"data_fraction": 0.5}, whole.settings)[-1].startswith("--eval_seed unrecorded")
+    seeded_alike = dataclasses.replace(whole.settings, seed=whole.settings.eval_seed, data_fraction=0.5)
+    assert changed_settings(config | {"data_fraction": 0.5, "seed": seeded_alike.seed}, seeded_alike) == []  # same rows
 
 
 def test_runs_of_other_settings_get_their_own_table_and_a_saved_model_is_no_base(study, common_flags, capsys):
