@@ -200,6 +200,8 @@ def measurement_processes() -> multiprocessing.context.ForkServerContext:
     Python 3.11's forkserver neither preloads "__main__" nor takes the parent's sys.path: it finds this module by
     name on PYTHONPATH."""
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
+    # A CUDA context made in the server would break every forked child: asking whether CUDA exists makes none.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     processes = multiprocessing.get_context("forkserver")
     processes.set_forkserver_preload(["run"])
     return processes
