@@ -17,9 +17,9 @@ from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 from pipeline.lean_training import causal_lm
 
-# `auto` compiles where it was measured to pay (docs/BENCHMARKS.md): GPT-2 small (124M) trains 1.3x faster per
-# step on a CPU once compiled, which a cold compile of minutes repays over a few hundred steps; a tiny model
-# gains little and compiles for longer than it trains.
+# `auto` compiles where it was measured to pay (docs/BENCHMARKS.md): GPT-2 small's compiled body trains on a CPU
+# at the eager speed per step (0.99-1.03x) in 0.69-0.84x the peak memory, for a cold compile of about a minute
+# that a study pays once; a tiny model compiles for longer than it trains.
 AUTO_MIN_PARAMETERS = 50_000_000
 AUTO_MIN_STEPS = 200
 
