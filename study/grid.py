@@ -108,9 +108,11 @@ def past_rung(run: Run, share: float) -> bool:
     if rung_loss(run, share) is not None or (done(run) and (run.get("status") != "finished" or diverged(run))):
         return True  # a rate that diverged, before the rung or after it, is a result, not a refusal
     if run.get("status") not in ("stopped_early", "finished"):
-        return False
+        return False  # running, or crashed (out of memory, say): run again
     stopped = run.get("stopped_early")
     steps = stopped["max_steps"] if stopped else run.get("total_steps") or run.get("optimizer_steps")
+    if stopped and stopped["step"] == stop_step(steps, share):
+        return True  # stopped at this rung with a validation loss that is not finite: diverged there
     found = f"stopped at step {stopped['step']}" if stopped else "has no validation loss at the rung step"
     raise ToolError(
         f"{run.get('run_dir')} {found}, not at this study's rung (--halving {1 / share:g}: step "

@@ -142,8 +142,10 @@ class Arm:
 
 def rung_loss(run: Run, share: float) -> float | None:
     """The run's validation loss at the rung of `share` (--stop_at_share): recorded when it stopped there, else its
-    validation logged at that step, even if it diverged after it; None when it has none (stopped at another step,
-    say, or diverged before it) or that loss is not finite."""
+    validation logged at that step; None when it has none (stopped at another step, say), when that loss is not
+    finite, or when the run diverged or failed (it ranks nowhere: `past_rung` says whether it is a result)."""
+    if diverged(run):
+        return None
     stopped = run.get("stopped_early")
     steps = stopped["max_steps"] if stopped else run.get("total_steps") or run.get("optimizer_steps")
     step = stop_step(steps, share) if steps else None

@@ -137,11 +137,12 @@ def test_a_study_rerun_with_another_halving_is_refused_never_ranked_on_the_old_r
         grow([1e-4, 3e-4], lambda rate: [finished[(rate, s)] for s in SEEDS], 0, halving=2)
     diverged = finished[(3e-4, 1)] | {"val_loss": math.nan, "log_history": []}  # went on from the rung, then diverged
     assert past_rung(diverged, 1 / 3) and past_rung(diverged, 1 / 2)  # a result at any rung, never a refusal
-    at_rung = [e["eval_loss"] for e in finished[(3e-4, 1)]["log_history"] if e.get("step") == 2]
-    later = finished[(3e-4, 1)] | {"val_loss": math.nan}  # its rung loss still ranks it where it was at the rung
-    assert statistics.rung_loss(later, 1 / 3) == at_rung[-1] and past_rung(later, 1 / 3)
-    crashed = finished[(3e-4, 1)] | {"status": "failed", "error": "out of memory", "log_history": []}
-    assert not past_rung(crashed, 1 / 3)  # a crash is no result: the run is run again, no other rate takes its place
+    later = finished[(3e-4, 1)] | {"val_loss": math.nan}  # validated at the rung, diverged at the end
+    assert past_rung(later, 1 / 3) and statistics.rung_loss(later, 1 / 3) is None  # a result, ranked nowhere
+    crashed = finished[(3e-4, 1)] | {"status": "failed", "error": "out of memory"}  # after validating at the rung
+    assert not past_rung(crashed, 1 / 3)  # a crash is no result: the run is run again
+    overflowed = ran[(1e-5, 1)] | {"stopped_early": ran[(1e-5, 1)]["stopped_early"] | {"val_loss": math.inf}}
+    assert past_rung(overflowed, 1 / 3)  # diverged at the rung itself: a result, not a refusal
 
 
 @pytest.mark.parametrize("best", [1.0, 1e-9])  # the best rate at the top of the grid, or at its bottom
