@@ -13,6 +13,6 @@ from pipeline.training import finetune
 
 def run(settings: RunSettings) -> dict[str, Any]:
     tokenizer = load_tokenizer(settings.model)
-    revision = starting_revision(settings.output_dir, settings.run_name, settings.resume, "full")
+    revision = starting_revision(settings.output_dir, settings.run_name, settings.resume, "full", settings.model)
     model, checkpoint_dtype = load_causal_lm(settings.model, from_scratch=settings.from_scratch, revision=revision)
     return after_training(finetune(settings, "full", model, tokenizer, checkpoint_dtype))

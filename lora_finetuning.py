@@ -16,7 +16,9 @@ from pipeline.training import finetune
 def run(settings: RunSettings) -> dict[str, Any]:
     config = load_peft_config(settings.peft_config) if settings.command == "peft" else None  # a bad file fails first
     tokenizer = load_tokenizer(settings.model)
-    revision = starting_revision(settings.output_dir, settings.run_name, settings.resume, settings.command)
+    revision = starting_revision(
+        settings.output_dir, settings.run_name, settings.resume, settings.command, settings.model
+    )
     model, checkpoint_dtype = load_causal_lm(settings.model, from_scratch=settings.from_scratch, revision=revision)
     model = add_peft_adapter(model, config, settings.block_size) if config else add_lora_adapters(model, settings)
     return after_training(finetune(settings, settings.command, model, tokenizer, checkpoint_dtype))

@@ -93,8 +93,9 @@ def adapter_config(model: PreTrainedModel) -> dict[str, Any] | None:
     return json.loads(as_json)
 
 
-# LoRA's initialisations that draw random numbers; the others (pissa, olora, corda, eva, loftq...) read the weights.
-RANDOM_LORA_INITS = ("gaussian", "orthogonal")
+# LoRA's initialisations that get_peft_model can make on an empty model: random ones, and eva (its data-driven
+# step comes later, in training); the others (pissa, olora, corda, loftq...) read the weights' values.
+EMPTY_MODEL_LORA_INITS = ("gaussian", "orthogonal", "eva")
 
 
 def peft_file_adapter_config(path: str, model: str, revision: str | None = None) -> dict[str, Any]:
@@ -104,6 +105,6 @@ def peft_file_adapter_config(path: str, model: str, revision: str | None = None)
     initialises from the weights' values (PiSSA's SVD, say), which an empty model does not have."""
     config, model_config = load_peft_config(path), load_model_config(model, revision)
     init = getattr(config, "init_lora_weights", True)
-    from_weights = isinstance(init, str) and init not in RANDOM_LORA_INITS
+    from_weights = isinstance(init, str) and init not in EMPTY_MODEL_LORA_INITS
     with torch.device("cpu" if from_weights else "meta"):
         return adapter_config(get_peft_model(AutoModelForCausalLM.from_config(model_config), config))

@@ -180,16 +180,17 @@ def run_to_resume(output_dir: Path, run_name: str | None, resume: str, mode: str
     return latest_unfinished_run(output_dir, mode)
 
 
-def starting_revision(output_dir: str, run_name: str | None, resume: str | None, mode: str) -> str | None:
-    """The Hub model's commit to load: for --resume, the one the run's first session recorded (a LoRA checkpoint
-    holds only the adapter, and the Hub's default branch may have moved since); None (the default branch) for a new
-    run, or where the run to resume cannot be read (opening it says why)."""
+def starting_revision(output_dir: str, run_name: str | None, resume: str | None, mode: str, model: str) -> str | None:
+    """The commit of the Hub `model` to load: for --resume, the one the run's first session recorded (a LoRA
+    checkpoint holds only the adapter, and the Hub's default branch may have moved since); None (the default branch)
+    for a new run, or where the run to resume cannot be read or trained another model (opening it says why)."""
     if resume is None:
         return None
     try:
-        return read_results(run_to_resume(Path(output_dir), run_name, resume, mode)).get("model_revision")
+        earlier = read_results(run_to_resume(Path(output_dir), run_name, resume, mode))
     except (ToolError, OSError):
         return None
+    return earlier.get("model_revision") if earlier.get("model") == model else None
 
 
 def base_revision(adapter: str, model: str) -> str | None:
