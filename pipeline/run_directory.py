@@ -180,27 +180,26 @@ def run_to_resume(output_dir: Path, run_name: str | None, resume: str, mode: str
     return latest_unfinished_run(output_dir, mode)
 
 
+def recorded_revision(run_dir: Path, model: str) -> str | None:
+    """The commit of the Hub `model` the run in `run_dir` recorded starting from; None when it recorded none,
+    trained another model or cannot be read (opening it says why)."""
+    try:
+        recorded = read_results(run_dir)
+    except (ToolError, OSError):
+        return None
+    return recorded.get("model_revision") if recorded.get("model") == model else None
+
+
 def starting_revision(output_dir: str, run_name: str | None, resume: str | None, mode: str, model: str) -> str | None:
     """The commit of the Hub `model` to load: for --resume, the one the run's first session recorded (a LoRA
     checkpoint holds only the adapter, and the Hub's default branch may have moved since); None (the default branch)
-    for a new run, or where the run to resume cannot be read or trained another model (opening it says why)."""
+    for a new run."""
     if resume is None:
         return None
     try:
-        earlier = read_results(run_to_resume(Path(output_dir), run_name, resume, mode))
-    except (ToolError, OSError):
+        return recorded_revision(run_to_resume(Path(output_dir), run_name, resume, mode), model)
+    except ToolError:
         return None
-    return earlier.get("model_revision") if earlier.get("model") == model else None
-
-
-def base_revision(adapter: str, model: str) -> str | None:
-    """The commit of the Hub `model` that the run holding `adapter` (its adapter/ folder) trained on, as it
-    recorded it: the base to put the adapter on, wherever the Hub's default branch is now; None otherwise."""
-    try:
-        trained = read_results(Path(adapter).parent)
-    except (ToolError, OSError):
-        return None
-    return trained.get("model_revision") if trained.get("model") == model else None
 
 
 def chosen_checkpoint(run: RunDirectory, resume: str) -> Path | None:
