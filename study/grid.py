@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 
 from pipeline.settings import stop_step
-from study.statistics import Arm, Run, Widening, choose_rates, diverged, rung_loss
+from study.statistics import Arm, Run, Widening, choose_rates, diverged, rung_loss, whole_run_steps
 from utils import ToolError
 
 HALF_DECADE = 10**0.5
@@ -109,8 +109,7 @@ def past_rung(run: Run, share: float) -> bool:
         return True  # a rate that diverged, before the rung or after it, is a result, not a refusal
     if run.get("status") not in ("stopped_early", "finished"):
         return False  # running, or crashed (out of memory, say): run again
-    stopped = run.get("stopped_early")
-    steps = stopped["max_steps"] if stopped else run.get("total_steps") or run.get("optimizer_steps")
+    stopped, steps = run.get("stopped_early"), whole_run_steps(run)
     if stopped and stopped["step"] == stop_step(steps, share):
         return True  # stopped at this rung with a validation loss that is not finite: diverged there
     found = f"stopped at step {stopped['step']}" if stopped else "has no validation loss at the rung step"

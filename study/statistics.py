@@ -140,6 +140,12 @@ class Arm:
         return self.rates[i - 1], self.rates[i + 1]
 
 
+def whole_run_steps(run: Run) -> int | None:
+    """The optimizer steps of the run's whole schedule, also for one stopped early."""
+    stopped = run.get("stopped_early")
+    return stopped["max_steps"] if stopped else run.get("total_steps") or run.get("optimizer_steps")
+
+
 def rung_loss(run: Run, share: float) -> float | None:
     """The run's validation loss at the rung of `share` (--stop_at_share): recorded when it stopped there, else its
     validation logged at that step; None when it has none (stopped at another step, say), when that loss is not
@@ -147,7 +153,7 @@ def rung_loss(run: Run, share: float) -> float | None:
     if diverged(run):
         return None
     stopped = run.get("stopped_early")
-    steps = stopped["max_steps"] if stopped else run.get("total_steps") or run.get("optimizer_steps")
+    steps = whole_run_steps(run)
     step = stop_step(steps, share) if steps else None
     logged = [e["eval_loss"] for e in run.get("log_history") or [] if "eval_loss" in e and e.get("step") == step]
     loss = stopped["val_loss"] if stopped and stopped["step"] == step else logged[-1] if step and logged else None
