@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/run.py's helpe
 
 import head_to_head  # noqa: E402
 import torch  # noqa: E402
-from run import ROOT, SHARED, matmul_peak_flops, measurement_processes, train_measurement  # noqa: E402
+from run import ROOT, SHARED, matmul_peak_flops, measured_alone, measurement_processes  # noqa: E402
 
 from utils import atomic_write_json, environment_info, timestamp  # noqa: E402
 
@@ -71,8 +71,7 @@ def main() -> None:
                 "extra": compile_flags,
                 "threads": torch.get_num_threads(),
             }
-            with processes.Pool(1) as pool:
-                run = pool.apply_async(train_measurement, (job,)).get()
+            run = measured_alone(processes, job)
             if "error" not in run:
                 run["share_of_bf16_peak"] = run["flop_per_s"] / peaks["bf16"]
             results["training"][f"{mode}_{precision}"] = run

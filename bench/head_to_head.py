@@ -28,10 +28,10 @@ from run import (  # noqa: E402
     SHARED,
     build_model,
     load_rows,
+    measured_alone,
     measurement_processes,
     model_config,
     recipe_flags,
-    train_measurement,
 )
 from tabulate import tabulate  # noqa: E402
 
@@ -80,8 +80,7 @@ def training_rounds(args: argparse.Namespace) -> list[dict]:
                     "threads": torch.get_num_threads(),
                     "inductor_cache": inductor_cache,
                 }
-                with processes.Pool(1) as pool:
-                    measured[side] = pool.apply_async(train_measurement, (job,)).get()
+                measured[side] = measured_alone(processes, job)
                 if "error" in measured[side]:
                     raise SystemExit(f"round {r + 1}, {side}: {measured[side]['error']}")
                 print(f"  round {r + 1} {side:7}: {measured[side]['real_tokens_per_s']:,.1f} tokens/s", flush=True)

@@ -207,6 +207,17 @@ def measurement_processes() -> multiprocessing.context.ForkServerContext:
     return processes
 
 
+def measured_alone(
+    processes: multiprocessing.context.ForkServerContext, job: dict, limit_s: float | None = None
+) -> dict:
+    """`train_measurement(job)` in a process of its own; past `limit_s`, the error that says so."""
+    with processes.Pool(1) as pool:  # leaving the block ends the process, also one still compiling
+        try:
+            return pool.apply_async(train_measurement, (job,)).get(timeout=limit_s)
+        except multiprocessing.TimeoutError:
+            return {"error": f"took more than {limit_s:.0f} s (--compile_limit)"}
+
+
 def train_measurement(job: dict) -> dict:
     """One training run (ours or seed-style, full or LoRA, with the job's extra flags) in this process; tokens/s
     after a warm-up step. A run that fails (e.g. --compile without a working compiler) returns its error."""
@@ -391,13 +402,8 @@ def main() -> None:
     runs |= {(m, "ours", "compile"): {"error": "not measured (bench/run.py --compile)"} for m in MODES}
     for mode, pipeline, variant in order:
         job = {"args": vars(args), "mode": mode, "pipeline": pipeline, "extra": VARIANTS[variant], "threads": threads}
-        with processes.Pool(1) as pool:  # leaving the block ends the process, also one still compiling
-            pending = pool.apply_async(train_measurement, (job,))
-            try:
-                run = pending.get(timeout=args.compile_limit if variant == "compile" else None)
-            except multiprocessing.TimeoutError:
-                run = {"error": f"took more than {args.compile_limit:.0f} s (--compile_limit)"}
-            runs[mode, pipeline, variant] = run
+        run = measured_alone(processes, job, args.compile_limit if variant == "compile" else None)
+        runs[mode, pipeline, variant] = run
         done = run["error"] if "error" in run else f"{run['real_tokens_per_s']:,.0f} real tokens/s"
         print(f"  trained {mode:4} {pipeline:10} {variant:13}: {done}")
     if any("error" in run for (_, _, variant), run in runs.items() if variant != "compile"):
