@@ -31,8 +31,7 @@ def run(settings: RunSettings) -> dict[str, Any]:
         splits, data, forgetting = load_packed_splits(settings, tokenizer)
         trainer = evaluation_trainer(settings, model, run.path)
         trainer.forgetting = forgetting.blocks
-        results = run_record(settings, mode, run, model, trainer, checkpoint_dtype, forgetting)
-        results["model_revision"] = revision or results["model_revision"]  # the base the adapter was put on
+        results = run_record(settings, mode, run, model, trainer, checkpoint_dtype, forgetting, revision)
         if trainer.is_world_process_zero():
             write_results(run.path, results)
         with MachineLoad(trainer.is_world_process_zero()) as load:

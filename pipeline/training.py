@@ -228,8 +228,10 @@ def run_record(
     trainer: Trainer,
     checkpoint_dtype: str,
     forgetting: Forgetting,
+    revision: str | None = None,
 ) -> dict[str, Any]:
-    """The fields of results.json every run has, before anything is measured."""
+    """The fields of results.json every run has, before anything is measured; `revision`: the Hub commit the model
+    was loaded at, when the run chose one."""
     trainable, total = count_parameters(model)
     config, paths_as_typed = settings.recorded_config()
     adapter = adapter_config(model)
@@ -240,7 +242,8 @@ def run_record(
         "peft_type": adapter and adapter["peft_type"],
         "adapter_config": adapter,
         "model": config["model"],
-        "model_revision": model_revision(run, config["model"]),  # what `analyze` reloads the starting weights from
+        "model_revision": revision
+        or model_revision(run, config["model"]),  # what `analyze` reloads the starting weights from
         "run_dir": str(run.path),
         "started_at": run.started_at or timestamp(),
         "resumed_from": str(run.checkpoint) if run.checkpoint else None,
