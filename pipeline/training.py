@@ -242,8 +242,8 @@ def run_record(
         "peft_type": adapter and adapter["peft_type"],
         "adapter_config": adapter,
         "model": config["model"],
-        "model_revision": revision
-        or model_revision(run, config["model"]),  # what `analyze` reloads the starting weights from
+        # what `analyze` reloads the starting weights from
+        "model_revision": revision or model_revision(run, config["model"]),
         "run_dir": str(run.path),
         "started_at": run.started_at or timestamp(),
         "resumed_from": str(run.checkpoint) if run.checkpoint else None,
