@@ -19,6 +19,9 @@ from utils import ToolError, one_line, peft_config_file
 NOT_TRAINABLE_HERE = {
     "ADALORA": "its rank allocation needs update_and_allocate() called after every optimizer step, which the "
     "Trainer does not do (and its loss adds an orthogonality penalty, so it is not the language-model loss)",
+    # get_peft_model only zeroes B for eva: without that data step the arm would train as plain LoRA, named eva
+    "LORA init eva": "EVA's initialisation needs initialize_lora_eva_weights() run on training batches before "
+    "training, which the Trainer does not do",
 }
 
 
@@ -54,6 +57,8 @@ def load_peft_config(path: str) -> PeftConfig:
     except Exception as e:  # invalid JSON, or values PEFT's config class refuses
         raise ToolError(f"--peft_config {path}: not a PEFT config ({one_line(e)})") from None
     method = config.peft_type.value
+    if getattr(config, "init_lora_weights", None) == "eva":
+        method = "LORA init eva"
     if method in NOT_TRAINABLE_HERE:
         raise ToolError(f"{method} cannot be trained by this tool: {NOT_TRAINABLE_HERE[method]}")
     if config.task_type not in (None, "CAUSAL_LM"):
@@ -93,9 +98,9 @@ def adapter_config(model: PreTrainedModel) -> dict[str, Any] | None:
     return json.loads(as_json)
 
 
-# LoRA's initialisations that get_peft_model can make on an empty model: random ones, and eva (its data-driven
-# step comes later, in training); the others (pissa, olora, corda, loftq...) read the weights' values.
-EMPTY_MODEL_LORA_INITS = ("gaussian", "orthogonal", "eva")
+# LoRA's initialisations that get_peft_model can make on an empty model, the random ones; the others (pissa, olora,
+# corda, loftq...) read the weights' values.
+EMPTY_MODEL_LORA_INITS = ("gaussian", "orthogonal")
 
 
 def peft_file_adapter_config(path: str, model: str, revision: str | None = None) -> dict[str, Any]:

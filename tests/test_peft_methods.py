@@ -98,6 +98,7 @@ def test_evaluate_puts_a_saved_prefix_adapter_on_its_model_and_scores_it_alike(c
         ('{"peft_type": "NO_SUCH_METHOD"}', "unknown peft_type 'NO_SUCH_METHOD'"),
         ('{"peft_type": "LOHA", "r": 2, "target_modules": ["c_attn"]}', "LOHA cannot apply to gpt2: Target module"),
         ('{"peft_type": "ADALORA", "target_modules": ["c_attn"], "total_step": 4}', "ADALORA cannot be trained"),
+        ('{"peft_type": "LORA", "init_lora_weights": "eva"}', "LORA init eva cannot be trained"),
     ],
 )
 def test_a_config_that_cannot_train_is_one_line_before_any_run_starts(
