@@ -9,7 +9,7 @@ from peft import PeftModel
 
 from pipeline.measurement import MachineLoad
 from pipeline.modeling import load_causal_lm, load_tokenizer
-from pipeline.run_directory import recorded_revision, write_results
+from pipeline.run_directory import recorded_revision, starting_revision, write_results
 from pipeline.settings import RunSettings
 from pipeline.training import claim_run, evaluate_and_save_results, evaluation_trainer, load_packed_splits, run_record
 from utils import ToolError, one_line
@@ -18,8 +18,13 @@ from utils import ToolError, one_line
 def run(settings: RunSettings) -> dict[str, Any]:
     mode = "adapter" if settings.adapter else "saved" if is_saved_run_model(settings.model) else "base"
     tokenizer = load_tokenizer(settings.model)
-    # an adapter of this tool's goes on the commit its run trained on, wherever the Hub's default branch is now
-    revision = recorded_revision(Path(settings.adapter).parent, settings.model) if settings.adapter else None
+    # an adapter of this tool's goes on the commit its run trained on, wherever the Hub's default branch is now; a
+    # resumed evaluation loads the commit its first session recorded, as a resumed training run does
+    revision = (
+        recorded_revision(Path(settings.adapter).parent, settings.model)
+        if settings.adapter
+        else starting_revision(settings.output_dir, settings.run_name, settings.resume, mode, settings.model)
+    )
     model, checkpoint_dtype = load_causal_lm(settings.model, from_scratch=settings.from_scratch, revision=revision)
     if settings.adapter:
         try:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from pipeline.hub import canonical_id
 from utils import ToolError, atomic_write_json, one_line, timestamp
 
 RESULTS = "results.json"
@@ -180,6 +181,11 @@ def run_to_resume(output_dir: Path, run_name: str | None, resume: str, mode: str
     return latest_unfinished_run(output_dir, mode)
 
 
+def same_model(recorded: str | None, model: str) -> bool:
+    """Whether a run's recorded --model names `model` (a legacy Hub id and its namespaced one alike)."""
+    return recorded is not None and canonical_id(recorded) == canonical_id(model)
+
+
 def recorded_revision(run_dir: Path, model: str) -> str | None:
     """The commit of the Hub `model` the run in `run_dir` recorded starting from; None when it recorded none,
     trained another model or cannot be read (opening it says why)."""
@@ -187,7 +193,7 @@ def recorded_revision(run_dir: Path, model: str) -> str | None:
         recorded = read_results(run_dir)
     except (ToolError, OSError):
         return None
-    return recorded.get("model_revision") if recorded.get("model") == model else None
+    return recorded.get("model_revision") if same_model(recorded.get("model"), model) else None
 
 
 def starting_revision(output_dir: str, run_name: str | None, resume: str | None, mode: str, model: str) -> str | None:

@@ -23,7 +23,14 @@ from pipeline.generation import evaluate_generation
 from pipeline.measurement import MachineLoad, PeakMemoryTracker, best, max_over_processes, perplexity
 from pipeline.modeling import count_parameters
 from pipeline.run_control import CheckedTrainer, StopAtShare, StopOnSignal
-from pipeline.run_directory import RunDirectory, mark_failed, open_run, write_checkpoint_figures, write_results
+from pipeline.run_directory import (
+    RunDirectory,
+    mark_failed,
+    open_run,
+    same_model,
+    write_checkpoint_figures,
+    write_results,
+)
 from pipeline.settings import TRAINING, RunSettings
 from pipeline.summary import method_name, plot_loss_curves, print_run_summary
 from utils import (
@@ -273,9 +280,12 @@ def run_record(
 
 
 def model_revision(run: RunDirectory, model: str) -> str | None:
-    """The Hub model's commit the run started from: on --resume the one its first session recorded, even if the
-    Hub's default branch has moved since (hub.model_revision for a new run, or one that recorded none yet)."""
-    return run.earlier["model_revision"] if "model_revision" in run.earlier else hub.model_revision(model)
+    """The Hub model's commit the run started from: on --resume the one its first session recorded for this model,
+    which it loaded (run_directory.starting_revision), even if the Hub's default branch has moved since;
+    hub.model_revision for a new run, or one that recorded none yet or another model."""
+    if "model_revision" in run.earlier and same_model(run.earlier.get("model"), model):
+        return run.earlier["model_revision"]
+    return hub.model_revision(model)
 
 
 def evaluate_and_save_results(

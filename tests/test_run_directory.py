@@ -14,6 +14,7 @@ from pipeline.run_directory import (
     newest_complete_checkpoint,
     open_run,
     read_results,
+    starting_revision,
 )
 from utils import ToolError
 
@@ -62,9 +63,13 @@ def test_a_resumed_run_records_the_hub_commit_its_first_session_started_from(tmp
     with open_run(tmp_path, "run", "latest", "full") as opened:  # a first session that stopped before recording it
         assert model_revision(opened, "/a/local/model") is None
     first = "a" * 40  # the Hub's main branch when the run started; offline now and the cache empty: it resolves none
-    (run / "results.json").write_text(json.dumps(read_results(run) | {"model_revision": first}))
+    record = {"model": "openai-community/gpt2", "model_revision": first}
+    (run / "results.json").write_text(json.dumps(read_results(run) | record))
     with open_run(tmp_path, "run", "latest", "full") as opened:
-        assert model_revision(opened, "someone/no-such-model") == first
+        assert model_revision(opened, "openai-community/gpt2") == first == model_revision(opened, "gpt2")  # legacy id
+        assert model_revision(opened, "/a/local/model") is None  # resumed with another model: not the first's commit
+    assert starting_revision(str(tmp_path), "run", "latest", "full", "gpt2") == first  # and it loads that commit
+    assert starting_revision(str(tmp_path), "run", "latest", "full", "/a/local/model") is None
 
 
 def test_an_explicit_checkpoint_sets_newer_ones_aside_as_abandoned(tmp_path):
