@@ -716,7 +716,7 @@ def cost_text(cost: dict[str, Any]) -> str:
             f" Successive halving stopped {cost['stopped_early_runs']} runs at the rung: trained to the end, the same "
             f"runs would have taken about {cost['device_hours_without_halving']:,.4f} {cost['device_hours_unit']}, "
             f"so it saved {saved:,.4f} ({saved / cost['device_hours_without_halving']:.0%}; each stopped run's "
-            "first step paid once, its steps after the first scaled to those its whole run has)."
+            "first step paid once where it recorded one, its other steps scaled to those its whole run has)."
         )
     if cost["sweep_factor"]:
         text += f" The learning-rate sweep multiplied the device-hours by {cost['sweep_factor']:.2f}"
