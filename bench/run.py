@@ -210,12 +210,26 @@ def measurement_processes() -> multiprocessing.context.ForkServerContext:
 def measured_alone(
     processes: multiprocessing.context.ForkServerContext, job: dict, limit_s: float | None = None
 ) -> dict:
-    """`train_measurement(job)` in a process of its own; past `limit_s`, the error that says so."""
-    with processes.Pool(1) as pool:  # leaving the block ends the process, also one still compiling
-        try:
-            return pool.apply_async(train_measurement, (job,)).get(timeout=limit_s)
-        except multiprocessing.TimeoutError:
+    """`train_measurement(job)` in a process of its own; past `limit_s`, or when the process dies before it answers
+    (killed for memory, say), the error that says so."""
+    answers, answer = processes.Pipe(duplex=False)
+    child = processes.Process(target=send_measurement, args=(job, answer))
+    child.start()
+    answer.close()  # the child's end only: its death leaves this side at end-of-file, not waiting
+    try:
+        if not answers.poll(limit_s):
             return {"error": f"took more than {limit_s:.0f} s (--compile_limit)"}
+        return answers.recv()
+    except EOFError:
+        child.join()
+        return {"error": f"the measurement process died (exit code {child.exitcode})"}
+    finally:
+        child.kill()  # also one still compiling
+        child.join()
+
+
+def send_measurement(job: dict, answer: multiprocessing.connection.Connection) -> None:
+    answer.send(train_measurement(job))
 
 
 def train_measurement(job: dict) -> dict:
@@ -299,10 +313,10 @@ def generation_roofline_s(
     model: torch.nn.Module, batches: list[tuple[int, list[int], int]], num_beams: int, peak: float, bandwidth: float
 ) -> float:
     """Least time `generate_continuations` could take here for its `batches` (`prompt_batches`): each forward
-    pass of a batch of beams lasts at least the longer of its matmul FLOPs at the measured peak and its reads
-    (every weight once, and each beam's key-value cache) at the measured bandwidth. Every budget is spent in full;
-    the prompt is run for each beam, as generate() does, with the output layer at its last position only;
-    attention's FLOPs (under 2% at these lengths) are left out."""
+    pass lasts at least the longer of its matmul FLOPs at the measured peak and its reads (every weight once, each
+    prompt's key-value cache once, each beam's generated one) at the measured bandwidth. Each prompt but its last
+    token is run once, with the output layer at its last position only, then generate runs one pass per new token
+    for every beam; every budget is spent in full; attention's FLOPs (under 2% at these lengths) are left out."""
     config = model.config
     n = matmul_params(model, config)
     head = config.vocab_size * config.n_embd
@@ -311,10 +325,10 @@ def generation_roofline_s(
     seconds = 0.0
     for budget, batch, prompt in batches:
         sequences = num_beams * len(batch)
-        seconds += max(weight_bytes / bandwidth, 2 * ((n - head) * prompt + head) * sequences / peak)
-        for context in range(prompt + 1, prompt + budget):  # one pass per new token after the first
-            reads = weight_bytes + sequences * context * cache_bytes_per_position
-            seconds += max(reads / bandwidth, 2 * n * sequences / peak)
+        seconds += max(weight_bytes / bandwidth, 2 * ((n - head) * (prompt - 1) + head) * len(batch) / peak)
+        for generated in range(1, budget + 1):  # the last prompt token, then every new one but the last
+            cached = len(batch) * (prompt - 1) + sequences * generated
+            seconds += max((weight_bytes + cached * cache_bytes_per_position) / bandwidth, 2 * n * sequences / peak)
     return seconds
 
 
@@ -333,7 +347,7 @@ def generation_speed(args: argparse.Namespace, rows: list[str], tokenizer, peak:
             model, tokenizer, prompts, budgets, num_beams=defaults.num_beams, batch_size=batch_size
         )
         seconds[name] = time.perf_counter() - start
-        batches = prompt_batches(tokenizer, model.config, prompts, budgets, batch_size)
+        batches = prompt_batches(tokenizer, model.config, prompts, budgets, batch_size, defaults.num_beams)
         roofline[name] = generation_roofline_s(model, batches, defaults.num_beams, peak, bandwidth)
     return {
         "examples_per_s": {k: len(prompts) / s for k, s in seconds.items()},

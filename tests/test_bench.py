@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,3 +68,24 @@ def test_device_check_dry_run_writes_one_json_of_every_figure(tiny_model_dir, da
     versus = results["head_to_head"]
     assert versus["tokens_per_s_ratio"] > 0 and versus["peak_memory_ratio"] > 0 and versus["generation_speedup"] > 0
     assert versus["generation"]["identical_texts"] is True
+
+
+def test_a_measurement_process_killed_mid_run_is_reported_not_waited_for(tiny_model_dir, data_dir, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    for name in ("PYTHONPATH", "PYTORCH_NVML_BASED_CUDA_CHECK"):  # set by measurement_processes; undone after
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+    import run as bench
+
+    argv = ["--quick", "--model", str(tiny_model_dir), "--text", str(data_dir / "test.txt"), "--block_size", "32"]
+    monkeypatch.setattr(sys, "argv", ["run.py", *argv])
+    job = {"args": vars(bench.parse_args()), "mode": "full", "pipeline": "ours", "extra": (), "threads": 1}
+    answers: list[dict] = []  # a daemon thread: a measurement waited for forever fails the test, not the suite
+    waiting = threading.Thread(
+        target=lambda: answers.append(bench.measured_alone(bench.measurement_processes(), job)), daemon=True
+    )
+    waiting.start()
+    while not (children := multiprocessing.active_children()):  # killed as soon as it exists, as OOM would
+        time.sleep(0.01)
+    os.kill(children[0].pid, signal.SIGKILL)
+    waiting.join(timeout=120)
+    assert answers == [{"error": "the measurement process died (exit code -9)"}]
