@@ -7,10 +7,12 @@ import io
 import math
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
-from transformers import Cache, DynamicLayer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AttentionInterface, Cache, DynamicCache, DynamicLayer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from pipeline.compilation import eager
 from pipeline.lean_training import fuse_gelu
@@ -31,18 +33,22 @@ def token_budget(reference: str, tokens_per_word: float) -> int:
 
 
 def batch_by_budget_and_length(
-    budgets: list[int], lengths: list[int], batch_size: int, same_length: bool = False
+    budgets: list[int], lengths: list[int], batch_size: int, num_beams: int, same_length: bool = False
 ) -> list[tuple[int, list[int]]]:
-    """Batches of example indices sharing one budget and of similar prompt length (with `same_length`, equal).
+    """Batches of example indices sharing one budget, shortest prompts first, whose prompts' left padding is at most
+    the batch's new tokens over all beams (with `same_length`, none).
 
-    A batch's longest prompt is at most twice its shortest plus 8 tokens: beam search copies its key-value
-    cache every step, so padding costs as much as text.
+    Padding is not run through the model (`encode_prompts`), but its keys and values are held and read at every
+    step with the prompt's, once per prompt: bounded so, it costs less than the new tokens' forward passes, and
+    spares those of another batch.
     """
     batches: list[tuple[int, list[int]]] = []
     for i in sorted(range(len(budgets)), key=lambda i: (budgets[i], lengths[i])):
         if batches:
             budget, batch = batches[-1]
-            fits = lengths[i] == lengths[batch[0]] if same_length else lengths[i] <= 2 * lengths[batch[0]] + 8
+            size = len(batch) + 1
+            padding = size * lengths[i] - sum(lengths[j] for j in batch) - lengths[i]
+            fits = padding == 0 if same_length else padding <= num_beams * budget * size
             if budget == budgets[i] and len(batch) < batch_size and fits:
                 batch.append(i)
                 continue
@@ -56,6 +62,7 @@ def prompt_batches(
     prompts: list[str],
     budgets: list[int],
     batch_size: int,
+    num_beams: int,
     virtual: int = 0,
 ) -> list[tuple[int, list[int], int]]:
     """The generate calls `generate_continuations` makes: (budget, prompt indices, padded prompt tokens after
@@ -65,75 +72,147 @@ def prompt_batches(
     lengths = [len(ids) for ids in tokenizer(prompts, verbose=False)["input_ids"]]
     return [
         (budget, batch, min(max(lengths[i] for i in batch), max_positions - budget))
-        for budget, batch in batch_by_budget_and_length(budgets, lengths, batch_size, same_length=virtual > 0)
+        for budget, batch in batch_by_budget_and_length(
+            budgets, lengths, batch_size, num_beams, same_length=virtual > 0
+        )
     ]
 
 
+class SharedPrefix(NamedTuple):
+    """A beam-search layer's keys (or values): each prompt's once, then each beam's generated ones."""
+
+    prompts: torch.Tensor  # (prompts, heads, prompt positions, head dim)
+    generated: torch.Tensor  # (prompts x beams, heads, generated positions, head dim)
+
+
 class BeamLayer(DynamicLayer):
-    """One layer's key-value cache for beam search over prompts encoded once: its first update (the prompts) is
-    copied to every beam of a buffer allocated once for the whole generation, later tokens are written in place, and
-    reordering the beams moves only the generated positions (every beam of a prompt shares the prompt's, and beam
-    search only reorders beams within a prompt). transformers' own caches concatenate (DynamicCache) or reorder the
-    whole buffer (StaticCache) at every step."""
+    """One layer's key-value cache for beam search over encoded prompts: the prompts' keys and values are kept once
+    per prompt, not copied to its beams; only the generated ones live per beam, in a buffer allocated once for the
+    whole generation, written in place and reordered with the beams (beam search reorders beams within a prompt
+    only). `shared_prefix_attention` reads it. transformers' own caches hold the prompt once per beam and
+    concatenate (DynamicCache) or reorder the whole buffer (StaticCache) at every step."""
 
-    def __init__(self, num_beams: int, max_length: int):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, num_beams: int, max_new_tokens: int):
         super().__init__()
-        self.num_beams, self.max_length = num_beams, max_length
-        self.length = self.shared = 0
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        rows, heads, _, dim = key_states.shape
-        shape = (rows * self.num_beams, heads, self.max_length, dim)
-        self.key_buffer = key_states.new_empty(shape)
-        self.value_buffer = value_states.new_empty(shape)
-        self.keys = self.values = key_states.new_empty(0)
-        self.device, self.is_initialized = key_states.device, True
+        rows, heads, _, dim = keys.shape
+        shape = (rows * num_beams, heads, max_new_tokens, dim)
+        self.keys, self.values = keys, values
+        self.key_buffer, self.value_buffer = keys.new_empty(shape), values.new_empty(shape)
+        self.generated = 0
+        self.device, self.is_initialized = keys.device, True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        new = key_states.shape[-2]
-        span = slice(self.length, self.length + new)
-        self.length += new
-        if key_states.shape[0] < self.key_buffer.shape[0]:  # the prompts, once each: the beams get copies
-            self.key_buffer[:, :, span] = key_states.repeat_interleave(self.num_beams, 0)
-            self.value_buffer[:, :, span] = value_states.repeat_interleave(self.num_beams, 0)
-            self.shared = self.length
-            return key_states, value_states
+        span = slice(self.generated, self.generated + key_states.shape[-2])
+        self.generated = span.stop
         self.key_buffer[:, :, span] = key_states
         self.value_buffer[:, :, span] = value_states
-        self.keys, self.values = self.key_buffer[:, :, : self.length], self.value_buffer[:, :, : self.length]
-        return self.keys, self.values
+        return (
+            SharedPrefix(self.keys, self.key_buffer[:, :, : self.generated]),
+            SharedPrefix(self.values, self.value_buffer[:, :, : self.generated]),
+        )
 
     def get_seq_length(self) -> int:
-        return self.length
+        return self.keys.shape[-2] + self.generated
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        generated = slice(self.shared, self.length)
+        generated = slice(0, self.generated)
         self.key_buffer[:, :, generated] = self.key_buffer[beam_idx, :, generated]
         self.value_buffer[:, :, generated] = self.value_buffer[beam_idx, :, generated]
+
+
+def shared_prefix_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: SharedPrefix,
+    value: SharedPrefix,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention of one new token per beam over a `BeamLayer`: each prompt's keys and values read once for all its
+    beams' queries (not once per beam), then each beam's generated ones, one softmax over both."""
+    rows, heads, _, dim = query.shape
+    prompts, _, shared, _ = key.prompts.shape
+    beams = rows // prompts
+    scaling = dim**-0.5 if scaling is None else scaling
+    by_prompt = query.view(prompts, beams, heads, dim).transpose(1, 2)  # (prompts, heads, beams, dim)
+    scores_prompt = by_prompt @ key.prompts.transpose(-1, -2) * scaling
+    if attention_mask is not None:  # (rows, 1, 1, positions), True where attended; a prompt's beams share its padding
+        scores_prompt = scores_prompt.masked_fill(~attention_mask[::beams, :, :, :shared], float("-inf"))
+    scores_generated = (query @ key.generated.transpose(-1, -2) * scaling).view(prompts, beams, heads, -1)
+    weights = torch.cat([scores_prompt, scores_generated.transpose(1, 2)], -1).softmax(-1, dtype=torch.float32)
+    weights = weights.to(value.prompts.dtype)
+    from_prompt = (weights[..., :shared] @ value.prompts).transpose(1, 2).reshape(rows, heads, 1, dim)
+    from_generated = weights[..., shared:].transpose(1, 2).reshape(rows, heads, 1, -1) @ value.generated
+    return (from_prompt + from_generated).transpose(1, 2), None
+
+
+SHARED_PREFIX = "beam_shared_prefix"
+AttentionInterface.register(SHARED_PREFIX, shared_prefix_attention)
+AttentionMaskInterface.register(SHARED_PREFIX, sdpa_mask)
+
+
+def length_groups(lengths: list[int]) -> list[list[int]]:
+    """Row indices, shortest first, in groups whose left padding is at most their own tokens."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if groups and (len(groups[-1]) + 1) * lengths[i] <= 2 * (sum(lengths[j] for j in groups[-1]) + lengths[i]):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def encode_prompts(
+    model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's keys and values of left-padded prompts (zero where padded), run through the model in groups of
+    similar length: running the whole batch at its longest prompt would compute every padded position."""
+    lengths = mask.sum(-1).tolist()
+    layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for group in length_groups(lengths):
+        longest = max(lengths[i] for i in group)
+        if longest == 0:  # one-token prompts: nothing comes before their last token
+            continue
+        rows, part = torch.tensor(group, device=ids.device), DynamicCache()
+        window = (rows, slice(-longest, None))
+        model(
+            input_ids=ids[window],
+            attention_mask=mask[window],
+            position_ids=positions[window],
+            cache=part,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        if not layers:
+            _, heads, _, dim = part.layers[0].keys.shape
+            shape = (len(lengths), heads, ids.shape[1], dim)
+            layers = [(layer.keys.new_zeros(shape), layer.values.new_zeros(shape)) for layer in part.layers]
+        padded = ~mask[window].bool()[:, None, :, None]  # zeroed: attention weighs them 0, which a NaN would undo
+        for (keys, values), layer in zip(layers, part.layers, strict=True):
+            keys[rows, :, -longest:] = layer.keys.masked_fill(padded, 0)
+            values[rows, :, -longest:] = layer.values.masked_fill(padded, 0)
+    return layers
 
 
 def generate_once_per_prompt(
     model: PreTrainedModel, inputs: dict[str, torch.Tensor], num_beams: int, max_new_tokens: int, **generation
 ) -> torch.Tensor:
-    """`model.generate` beam search, with each prompt but its last token run once (not once per beam) into a
-    `BeamLayer` cache that generate then continues; the same search and the same tokens as generate alone."""
+    """`model.generate` beam search, with each prompt but its last token encoded once (not once per beam,
+    `encode_prompts`) into a `BeamLayer` cache that generate then continues with `shared_prefix_attention`; the same
+    search as generate."""
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    length = ids.shape[1]
-    if length == 1:  # nothing to encode ahead: generate's own first step expands the one token to the beams
+    if ids.shape[1] == 1:  # nothing to encode ahead: generate's own first step expands the one token to the beams
         return model.generate(**inputs, num_beams=num_beams, max_new_tokens=max_new_tokens, **generation)
-    cache = Cache(layers=[BeamLayer(num_beams, length + max_new_tokens) for _ in range(model.config.num_hidden_layers)])
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # as generate numbers left-padded prompts
-    model(
-        input_ids=ids[:, :-1],
-        attention_mask=mask[:, :-1],
-        position_ids=positions[:, :-1],
-        cache=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    return model.generate(**inputs, cache=cache, num_beams=num_beams, max_new_tokens=max_new_tokens, **generation)
+    layers = encode_prompts(model, ids[:, :-1], mask[:, :-1], positions[:, :-1])
+    cache = Cache(layers=[BeamLayer(keys, values, num_beams, max_new_tokens) for keys, values in layers])
+    attention = model.config._attn_implementation
+    model.config._attn_implementation = SHARED_PREFIX
+    try:
+        return model.generate(**inputs, cache=cache, num_beams=num_beams, max_new_tokens=max_new_tokens, **generation)
+    finally:
+        model.config._attn_implementation = attention
 
 
 @torch.no_grad()
@@ -158,7 +237,7 @@ def generate_continuations(
     hypotheses = [""] * len(prompts)
     new_tokens = 0
     virtual = virtual_tokens(model)
-    batches = prompt_batches(tokenizer, model.config, prompts, budgets, batch_size, virtual)
+    batches = prompt_batches(tokenizer, model.config, prompts, budgets, batch_size, num_beams, virtual)
     for budget, batch, prompt_tokens in tqdm(batches, desc="generating", unit="batch"):
         inputs = tokenizer(
             [prompts[i] for i in batch], return_tensors="pt", padding=True, truncation=True, max_length=prompt_tokens

@@ -32,14 +32,21 @@ def test_token_budget_grows_with_the_reference_and_is_shared_in_steps_of_16():
     assert token_budget(" ".join(["w"] * 100), 1.5) == 160
 
 
-def test_batches_share_a_budget_and_keep_prompt_lengths_within_twice_plus_8():
+def test_batches_share_a_budget_and_pad_prompts_by_at_most_their_new_tokens():
     budgets = [16, 16, 32, 16, 16, 16, 16]
     lengths = [3, 100, 5, 4, 60, 12, 11]
-    assert batch_by_budget_and_length(budgets, lengths, batch_size=2) == [
-        (16, [0, 3]), (16, [6, 5]), (16, [4, 1]), (32, [2])
+    assert batch_by_budget_and_length(budgets, lengths, batch_size=3, num_beams=1) == [
+        (16, [0, 3, 6]), (16, [5]), (16, [4]), (16, [1]), (32, [2])  # 60 beside 12: 48 padded > 2 x 1 x 16 new
     ]  # fmt: skip
-    assert batch_by_budget_and_length(budgets, lengths, batch_size=3) == [
-        (16, [0, 3, 6]), (16, [5]), (16, [4, 1]), (32, [2])  # 60 tokens is over 2 x 12 + 8
+    assert batch_by_budget_and_length(budgets, lengths, batch_size=3, num_beams=2) == [
+        (16, [0, 3, 6]), (16, [5, 4]), (16, [1]), (32, [2])  # 48 <= 2 x 2 x 16; then 128 > 3 x 2 x 16
+    ]  # fmt: skip
+    assert batch_by_budget_and_length(budgets, lengths, batch_size=7, num_beams=5) == [
+        (16, [0, 3, 6, 5, 4, 1]), (32, [2])
+    ]  # fmt: skip
+    # a prompt-learning adapter's batches: one length each
+    assert batch_by_budget_and_length(budgets, [3, 3, 5, 3, 4, 4, 3], 7, 5, same_length=True) == [
+        (16, [0, 1, 3, 6]), (16, [4, 5]), (32, [2])
     ]  # fmt: skip
 
 
